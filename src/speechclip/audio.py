@@ -1,0 +1,80 @@
+"""Waveform I/O: load, downmix, resample to 16 kHz, validate, pad into batches.
+
+Every failure raises `AudioError` naming the file, so a long data pass says which item broke.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import soundfile
+import soxr
+import torch
+
+SAMPLE_RATE = 16_000
+AudioInput = Union[str, Path, np.ndarray, torch.Tensor]
+
+
+class AudioError(ValueError):
+    """Unreadable, empty, silent or non-finite audio; the message starts with the file or field."""
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, allow_silence: bool = True) -> np.ndarray:
+    """Read any soundfile-supported file as float32 mono at `sample_rate` (stereo is averaged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as error:
+        raise AudioError(f"{path}: unreadable audio ({error})") from error
+    samples = samples.mean(axis=1)
+    if file_rate != sample_rate and samples.size:
+        samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
+    return check_waveform(samples, str(path), allow_silence)
+
+
+def check_waveform(samples: np.ndarray, name: str, allow_silence: bool = True) -> np.ndarray:
+    """Reject empty, non-finite and (optionally) all-zero waveforms with an error naming `name`."""
+    if samples.ndim != 1:
+        raise AudioError(f"{name}: expected a 1-D mono waveform, got shape {tuple(samples.shape)}")
+    if samples.size == 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    if not np.isfinite(samples).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    if not allow_silence and not np.any(samples):
+        raise AudioError(f"{name}: silent audio (all samples are zero)")
+    return samples
+
+
+def to_waveform(audio: AudioInput, name: str = "audio") -> torch.Tensor:
+    """Turn a path, numpy array or tensor (already 16 kHz) into a float32 1-D tensor."""
+    if isinstance(audio, (str, Path)):
+        return torch.from_numpy(load_audio(audio))
+    if isinstance(audio, torch.Tensor):
+        audio = audio.detach().cpu().numpy()
+    array = np.asarray(audio, dtype=np.float32)
+    if array.ndim == 2 and 1 in array.shape:
+        array = array.reshape(-1)
+    return torch.from_numpy(check_waveform(array, name).copy())
+
+
+def pad_batch(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad 1-D waveforms to the longest: returns (B, S) samples and (B,) lengths."""
+    lengths = torch.tensor([int(w.numel()) for w in waves], dtype=torch.long)
+    batch = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
+    for row, wave in enumerate(waves):
+        batch[row, : wave.numel()] = wave
+    return batch, lengths
+
+
+def crop(wave: torch.Tensor, max_samples: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Crop to `max_samples`: a random window when a generator is given (training), else the start."""
+    if max_samples is None or wave.numel() <= max_samples:
+        return wave
+    if generator is None:
+        return wave[:max_samples]
+    start = int(torch.randint(0, wave.numel() - max_samples + 1, (1,), generator=generator))
+    return wave[start : start + max_samples]

@@ -1,0 +1,88 @@
+"""Frozen CLIP (Hugging Face `CLIPModel`): image and text embeddings, the subword table, and the text
+tower fed with embeddings instead of token ids (what the cascaded branch needs)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+from transformers.masking_utils import create_causal_mask
+
+
+class FrozenCLIP(nn.Module):
+    """CLIP with its tokenizer and image processor, loaded by hub id or local folder; never trained."""
+
+    def __init__(self, name_or_path: str):
+        super().__init__()
+        self.model = CLIPModel.from_pretrained(name_or_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.image_processor = CLIPImageProcessorPil.from_pretrained(name_or_path)  # Pillow, no torchvision
+        self.name_or_path = name_or_path
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    def train(self, mode: bool = True) -> "FrozenCLIP":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint image/text space (D_clip)."""
+        return int(self.model.config.projection_dim)
+
+    @property
+    def token_embedding(self) -> torch.Tensor:
+        """(V, D_tok) subword embedding table of the text tower."""
+        return self.model.text_model.embeddings.token_embedding.weight
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        tok = self.tokenizer
+        return {i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+
+    @property
+    def max_text_tokens(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> (B, 3, H, W) pixel values, resized and normalised as CLIP expects."""
+        rgb = [image.convert("RGB") for image in images]
+        return self.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D_clip), unnormalised (as `get_image_features`)."""
+        pixel_values = pixel_values.to(self.token_embedding.device, self.token_embedding.dtype)
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    @torch.no_grad()
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) token ids -> (B, D_clip), unnormalised."""
+        device = self.token_embedding.device
+        mask = attention_mask.to(device) if attention_mask is not None else None
+        return self.model.get_text_features(input_ids=input_ids.to(device), attention_mask=mask).pooler_output
+
+    def text_features_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, K, D_tok) subword embeddings -> (B, D_clip): wraps them as BOS k_1..k_K EOS, adds CLIP's
+        positional embeddings, runs the causal text transformer and projects the EOS state. Gradients flow
+        to `embeddings` (the frozen weights get none). Equals `get_text_features` on real tokens."""
+        text = self.model.text_model
+        batch = embeddings.shape[0]
+        table = self.token_embedding
+        bos = table[self.tokenizer.bos_token_id].expand(batch, 1, -1)
+        eos = table[self.tokenizer.eos_token_id].expand(batch, 1, -1)
+        sequence = torch.cat([bos, embeddings.to(table.dtype), eos], dim=1)
+        hidden = text.embeddings(inputs_embeds=sequence)
+        mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+        eos_state = text.final_layer_norm(hidden[:, -1])
+        return self.model.text_projection(eos_state)

@@ -1,0 +1,202 @@
+"""SpeechCLIP: a frozen speech upstream and a frozen CLIP, bridged by small trained heads.
+
+The model returns embeddings and the logit scale, never the loss (that lives in `loss.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .audio import AudioInput, pad_batch, to_waveform
+from .branches import CascadedBranch, HybridBranch, KeywordOutput, ParallelBranch
+from .clip import FrozenCLIP
+from .config import ConfigError, SpeechCLIPConfig
+from .upstream import SpeechUpstream, WeightedLayerSum
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FROZEN_PREFIXES = ("upstream.model.", "clip.model.")
+
+
+@dataclass
+class SpeechOutput:
+    parallel: torch.Tensor | None  # (B, D_clip) parallel-branch embedding, unnormalised
+    cascaded: KeywordOutput | None  # cascaded-branch embedding and chosen keywords
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        """The embedding used for retrieval: parallel when present (hybrid), else cascaded."""
+        return self.parallel if self.parallel is not None else self.cascaded.embeds
+
+
+class SpeechCLIP(nn.Module):
+    def __init__(self, config: SpeechCLIPConfig, upstream: SpeechUpstream | None = None, clip: FrozenCLIP | None = None):
+        super().__init__()
+        self.config = config
+        self.upstream = upstream or SpeechUpstream(config.upstream, config.normalize_waveform)
+        self.clip = clip or FrozenCLIP(config.clip)
+        width = self.upstream.hidden_size
+        self.featurizer = WeightedLayerSum(self.upstream.num_hidden_states, width, config.normalize_hidden_states)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
+        self.logit_scale.requires_grad_(config.learn_logit_scale)
+        vocab = self._keyword_vocab()
+        if config.variant == "parallel":
+            self.head = ParallelBranch(width, self.clip.embed_dim, config.parallel)
+        elif config.variant == "cascaded":
+            self.head = CascadedBranch(width, self.clip, config.cascaded, vocab)
+        else:
+            self.head = HybridBranch(width, self.clip, config.parallel, config.cascaded, vocab)
+
+    def _keyword_vocab(self) -> torch.Tensor:
+        """Token ids the quantizer may pick; BOS, EOS and padding are never allowed."""
+        size = self.clip.token_embedding.shape[0]
+        chosen = self.config.cascaded.keyword_vocab
+        ids = range(size) if chosen is None else chosen
+        bad = [i for i in ids if not 0 <= int(i) < size]
+        if bad:
+            raise ConfigError(f"cascaded.keyword_vocab: ids {bad[:5]} outside CLIP's table of {size}")
+        special = self.clip.special_token_ids
+        return torch.tensor(sorted({int(i) for i in ids} - special), dtype=torch.long)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
+        """(B, S) zero-padded 16 kHz waveforms and (B,) lengths -> speech embeddings (and keywords)."""
+        states, frame_mask = self.upstream(waves, lengths)
+        frames = self.featurizer(states)
+        if self.config.variant == "parallel":
+            return SpeechOutput(self.head(frames, frame_mask), None)
+        if self.config.variant == "cascaded":
+            return SpeechOutput(None, self.head(frames, frame_mask, self.clip))
+        parallel, cascaded = self.head(frames, frame_mask, self.clip)
+        return SpeechOutput(parallel, cascaded)
+
+    def scale(self) -> torch.Tensor:
+        """exp(logit scale), clamped as in CLIP."""
+        return self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+
+    # ---- inference API ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    @torch.no_grad()
+    def speech_outputs(self, audio: Sequence[AudioInput], batch_size: int = 16) -> list[SpeechOutput]:
+        """Run the model over clips in batches of similar length (less padding), in input order."""
+        waves = [to_waveform(item, name=f"audio[{i}]") for i, item in enumerate(audio)]
+        order = sorted(range(len(waves)), key=lambda i: waves[i].numel())
+        was_training = self.training
+        self.eval()
+        results: dict[int, SpeechOutput] = {}
+        try:
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch, lengths = pad_batch([waves[i] for i in rows])
+                output = self(batch.to(self.device), lengths.to(self.device))
+                for position, row in enumerate(rows):
+                    results[row] = _select(output, position)
+        finally:
+            self.train(was_training)
+        return [results[i] for i in range(len(waves))]
+
+    def encode_speech(self, audio: Sequence[AudioInput], batch_size: int = 16, normalize: bool = True, branch: str | None = None) -> torch.Tensor:
+        """Clips (paths, numpy arrays or tensors at 16 kHz) -> (N, D_clip). `branch` picks parallel or
+        cascaded embeddings of a hybrid model; by default the parallel one."""
+        outputs = self.speech_outputs(audio, batch_size)
+        if branch == "cascaded":
+            if not self.config.uses_cascaded:
+                raise ValueError("branch='cascaded' needs a cascaded or hybrid model")
+            embeds = torch.cat([o.cascaded.embeds for o in outputs])
+        else:
+            embeds = torch.cat([o.embeds for o in outputs])
+        return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
+
+    @torch.no_grad()
+    def encode_image(self, images: Sequence[Image.Image | str | Path], normalize: bool = True) -> torch.Tensor:
+        """PIL images or image paths -> (N, D_clip)."""
+        from .images import load_image
+
+        pil = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+        embeds = self.clip.image_features(self.clip.preprocess_images(pil))
+        return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Strings -> (N, D_clip) CLIP text embeddings (for zero-shot speech<->text retrieval)."""
+        tokens = self.clip.tokenize(texts)
+        embeds = self.clip.text_features(tokens["input_ids"], tokens["attention_mask"])
+        return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
+
+    def keywords(self, audio: Sequence[AudioInput], top_k: int | None = None) -> list[list[list[tuple[str, float]]]]:
+        """For each clip, each of the K keyword slots: its `top_k` nearest CLIP subwords with cosine scores."""
+        if not self.config.uses_cascaded:
+            raise ValueError("keywords() needs a cascaded or hybrid model; this one is parallel")
+        top_k = top_k or self.config.cascaded.keywords_shown
+        vocab_ids = self.head.keywords.quantizer.vocab_ids
+        result = []
+        for output in self.speech_outputs(audio):
+            scores, positions = output.cascaded.similarity[0].topk(min(top_k, len(vocab_ids)), dim=-1)
+            result.append([
+                [(self.subword(int(vocab_ids[p])), float(s)) for p, s in zip(pos_row, score_row)]
+                for pos_row, score_row in zip(positions, scores)
+            ])
+        return result
+
+    def subword(self, token_id: int) -> str:
+        """A CLIP token id as readable text (byte-level symbols decoded, the end-of-word marker dropped)."""
+        return self.clip.tokenizer.decode([token_id]).strip()
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything but the frozen encoders: layer weights, heads, BatchNorm statistics, temperature."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / CONFIG_NAME)
+        save_file({k: v.cpu() for k, v in self.trainable_state_dict().items()}, str(folder / WEIGHTS_NAME))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, upstream: str | None = None, clip: str | None = None) -> "SpeechCLIP":
+        """Load a `save_pretrained` folder; `upstream`/`clip` override where the frozen encoders are read."""
+        folder = Path(folder)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing; a SpeechCLIP checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = SpeechCLIPConfig.load(folder / CONFIG_NAME)
+        config.upstream = upstream or config.upstream
+        config.clip = clip or config.clip
+        model = cls(config)
+        model.load_trainable(load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
+        return model.eval()
+
+    def load_trainable(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
+        expected = set(self.trainable_state_dict())
+        missing, unexpected = expected - set(weights), set(weights) - expected
+        if missing or unexpected:
+            raise ValueError(f"{source}: does not match the config (missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        self.load_state_dict(weights, strict=False)
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        return {"trainable": trainable, "frozen": frozen}
+
+
+def _select(output: SpeechOutput, row: int) -> SpeechOutput:
+    """One row of a batched output, kept as a batch of one."""
+    cascaded = None
+    if output.cascaded is not None:
+        c = output.cascaded
+        cascaded = KeywordOutput(c.embeds[row : row + 1], c.token_ids[row : row + 1], c.similarity[row : row + 1])
+    parallel = output.parallel[row : row + 1] if output.parallel is not None else None
+    return SpeechOutput(parallel, cascaded)

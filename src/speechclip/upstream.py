@@ -1,0 +1,134 @@
+"""Frozen self-supervised speech model (HuBERT, WavLM, wav2vec 2.0, data2vec-audio) + layer weighting.
+
+The upstream returns all L+1 hidden states with a frame padding mask (as s3prl's upstreams do); the
+`WeightedLayerSum` featurizer learns a softmax weighting of them (HF's `use_weighted_layer_sum`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+
+
+class SpeechUpstream(nn.Module):
+    """A frozen Hugging Face speech SSL model, loaded by hub id or local folder with `from_pretrained`.
+
+    Batching must not change a clip's features, so: the transformer always gets an attention mask, and
+    models whose first conv layer uses GroupNorm over time (HuBERT/wav2vec2 Base) run that conv stack
+    once per distinct clip length, because zero padding would shift the normalisation statistics.
+    data2vec-audio's stacked positional convolutions carry padding into valid frames, so it runs whole
+    once per distinct length (length-grouped batches keep that cheap).
+    """
+
+    def __init__(self, name_or_path: str, normalize_waveform: bool = False):
+        super().__init__()
+        self.model = AutoModel.from_pretrained(name_or_path)
+        self.name_or_path = name_or_path
+        self.normalize_waveform = normalize_waveform
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._active_lengths: torch.Tensor | None = None
+        self._whole_model_per_length = self.model.config.model_type == "data2vec-audio"
+        if getattr(self.model.config, "feat_extract_norm", "layer") == "group":
+            self._run_conv_per_length()
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def num_hidden_states(self) -> int:
+        """L transformer layers + the input to the first one."""
+        return int(self.model.config.num_hidden_layers) + 1
+
+    def train(self, mode: bool = True) -> "SpeechUpstream":
+        """Stay in eval mode: dropout and LayerDrop of a frozen model must never act."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
+        """Samples -> valid output frames (the conv stack's receptive-field arithmetic)."""
+        return self.model._get_feat_extract_output_lengths(sample_lengths).long()
+
+    @torch.no_grad()
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) zero-padded 16 kHz samples, (B,) lengths -> (L+1, B, T, D) states, (B, T) bool valid mask."""
+        sample_mask = torch.arange(waves.shape[1], device=waves.device)[None, :] < lengths[:, None].to(waves.device)
+        if self.normalize_waveform:
+            waves = _normalize(waves, sample_mask)
+        if self._whole_model_per_length:
+            states = self._states_per_length(waves, lengths)
+        else:
+            states = self._states(waves, lengths, sample_mask)
+        frames = self.frame_lengths(lengths).to(states.device)
+        frame_mask = torch.arange(states.shape[2], device=states.device)[None, :] < frames[:, None]
+        return states, frame_mask
+
+    def _states(self, waves: torch.Tensor, lengths: torch.Tensor, sample_mask: torch.Tensor) -> torch.Tensor:
+        self._active_lengths = lengths
+        try:
+            output = self.model(waves, attention_mask=sample_mask.long(), output_hidden_states=True)
+        finally:
+            self._active_lengths = None
+        return torch.stack(output.hidden_states)
+
+    def _states_per_length(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        frames = int(self.frame_lengths(lengths.max()))
+        states = None
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().flatten()
+            output = self.model(waves[rows, :length], output_hidden_states=True)
+            group = torch.stack(output.hidden_states)
+            if states is None:
+                states = group.new_zeros(group.shape[0], len(lengths), frames, group.shape[-1])
+            states[:, rows.to(group.device), : group.shape[2]] = group
+        return states
+
+    def _run_conv_per_length(self) -> None:
+        encoder = self.model.feature_extractor
+        batched_forward = encoder.forward
+
+        def forward(input_values: torch.Tensor) -> torch.Tensor:
+            lengths = self._active_lengths
+            if lengths is None or bool((lengths == input_values.shape[1]).all()):
+                return batched_forward(input_values)
+            pieces: list[torch.Tensor | None] = [None] * len(lengths)
+            for length in lengths.unique().tolist():
+                rows = (lengths == length).nonzero().flatten().tolist()
+                features = batched_forward(input_values[rows, :length])
+                for row, feature in zip(rows, features):
+                    pieces[row] = feature
+            width = max(p.shape[-1] for p in pieces)
+            return torch.stack([F.pad(p, (0, width - p.shape[-1])) for p in pieces])
+
+        encoder.forward = forward
+
+
+def _normalize(waves: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance over each clip's valid samples (what Large upstreams were trained on)."""
+    count = mask.sum(1, keepdim=True).clamp(min=1)
+    mean = (waves * mask).sum(1, keepdim=True) / count
+    var = (((waves - mean) * mask) ** 2).sum(1, keepdim=True) / count
+    return ((waves - mean) / torch.sqrt(var + 1e-7)) * mask
+
+
+class WeightedLayerSum(nn.Module):
+    """Softmax-weighted sum over the upstream's hidden states; weights start equal (zeros before softmax)."""
+
+    def __init__(self, num_states: int, hidden_size: int, normalize_states: bool = False):
+        super().__init__()
+        self.layer_weights = nn.Parameter(torch.zeros(num_states))
+        self.normalize_states = normalize_states
+        self.hidden_size = hidden_size
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """(L+1, B, T, D) -> (B, T, D)."""
+        if states.shape[0] != self.layer_weights.numel():
+            raise ValueError(f"expected {self.layer_weights.numel()} hidden states, got {states.shape[0]}")
+        if self.normalize_states:
+            states = F.layer_norm(states, (self.hidden_size,))
+        weights = self.layer_weights.softmax(0).to(states.dtype)
+        return torch.einsum("l,lbtd->btd", weights, states)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny encoders of the real HF formats, written to a temp folder once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from speechclip.mini_encoders import (  # noqa: E402
+    mini_clip_config,
+    mini_speech_config,
+    save_mini_clip,
+    save_mini_speech,
+    train_clip_tokenizer,
+)
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+CAPTIONS = [
+    "a red circle on the left",
+    "two blue squares in the middle",
+    "a small green triangle above a yellow star",
+    "a big purple heart next to an orange moon",
+    "three black dots under a white cloud",
+]
+
+
+@pytest.fixture(scope="session")
+def encoders(tmp_path_factory) -> dict[str, str]:
+    """Folders of tiny HuBERT / WavLM / wav2vec2 / data2vec-audio (+ a layer-norm HuBERT) and CLIP."""
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    tokenizer = train_clip_tokenizer(CAPTIONS * 4, vocab_size=320)
+    paths = {"clip": str(save_mini_clip(root / "clip", tokenizer, mini_clip_config(len(tokenizer))))}
+    for kind in ("hubert", "wavlm", "wav2vec2", "data2vec-audio"):
+        paths[kind] = str(save_mini_speech(root / kind, mini_speech_config(kind)))
+    paths["hubert-layernorm"] = str(save_mini_speech(root / "hubert-ln", mini_speech_config("hubert", group_norm=False)))
+    return paths
+
+
+def tiny_model_config(encoders: dict[str, str], variant: str = "parallel", upstream: str = "hubert", **overrides):
+    from speechclip import SpeechCLIPConfig
+
+    values = dict(upstream=encoders[upstream], clip=encoders["clip"], variant=variant,
+                  parallel=dict(num_heads=4, ffn_dim=128), cascaded=dict(num_keywords=4))
+    values.update(overrides)
+    return SpeechCLIPConfig(**values)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000) -> Path:
+    import soundfile
+
+    soundfile.write(str(path), samples, rate)
+    return path

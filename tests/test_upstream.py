@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from speechclip.upstream import SpeechUpstream, WeightedLayerSum
+
+KINDS = ["hubert", "wavlm", "wav2vec2", "data2vec-audio", "hubert-layernorm"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loads_frozen_with_all_hidden_states(encoders, kind):
+    upstream = SpeechUpstream(encoders[kind])
+    assert not any(p.requires_grad for p in upstream.parameters())
+    upstream.train()
+    assert not upstream.model.training  # frozen model stays in eval mode under .train()
+    waves = torch.randn(2, 16000)
+    states, mask = upstream(waves, torch.tensor([16000, 9600]))
+    assert states.shape[:2] == (upstream.num_hidden_states, 2)
+    assert states.shape[-1] == upstream.hidden_size
+    assert mask.sum(1).tolist() == upstream.frame_lengths(torch.tensor([16000, 9600])).tolist()
+    assert mask.sum(1).tolist() == [49, 29]  # 320x downsampling, 400-sample receptive field
+    assert not states.requires_grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batching_does_not_change_a_clip(encoders, kind):
+    upstream = SpeechUpstream(encoders[kind])
+    short = torch.randn(6400)
+    alone, _ = upstream(short[None], torch.tensor([6400]))
+    padded = torch.zeros(3, 16000)
+    padded[0, :6400] = short
+    padded[1:] = torch.randn(2, 16000)
+    batched, mask = upstream(padded, torch.tensor([6400, 16000, 12000]))
+    frames = int(mask[0].sum())
+    torch.testing.assert_close(batched[:, 0, :frames], alone[:, 0], atol=1e-4, rtol=1e-4)
+
+
+def test_weighted_sum_starts_uniform_and_checks_layers():
+    featurizer = WeightedLayerSum(3, 4)
+    states = torch.randn(3, 2, 5, 4)
+    torch.testing.assert_close(featurizer(states), states.mean(0))
+    with pytest.raises(ValueError, match="expected 3 hidden states, got 2"):
+        featurizer(states[:2])
