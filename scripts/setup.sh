@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything speechclip needs on a fresh Debian machine: system packages (espeak-ng for the
 # offline corpus's speech, librsvg2-bin + openclipart-svg for its clip-art images) and a virtual
-# environment in .venv with the CPU torch wheel pinned, so no multi-GB CUDA build is pulled.
+# environment in .venv (wamerican: an English word list that filters clip-art titles) with the CPU torch wheel pinned, so no multi-GB CUDA build is pulled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng librsvg2-bin openclipart-svg)
+APT_PACKAGES=(espeak-ng librsvg2-bin openclipart-svg wamerican)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

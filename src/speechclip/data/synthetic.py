@@ -1,0 +1,134 @@
+"""The offline spoken-caption corpus: rendered scenes + real clip-art, captions, espeak-ng speech.
+
+Splits are by image; validation and test speakers never speak in training. Deterministic for a seed,
+parallel across cores, and re-running reuses every file already there (and returns at once when the
+whole corpus is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import soundfile
+from tqdm import tqdm
+
+from .clipart import clipart_captions, find_drawings, render_svg
+from .items import DataError, SpokenCaption
+from .manifest import write_manifest
+from .scenes import captions as scene_captions
+from .scenes import random_scene, render
+from .tts import Speaker, all_speakers, synthesize
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class CorpusSpec:
+    num_scenes: int = 1500  # rendered compositional scenes
+    num_clipart: int = 400  # openclipart drawings (0 = none)
+    captions_per_image: int = 3
+    val_images: int = 100
+    test_images: int = 200
+    held_out_speaker_fraction: float = 0.2  # speakers reserved for val/test, never heard in training
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class _Job:
+    image_id: str
+    image: Path
+    source: object  # a scene tuple or a clip-art Drawing
+    captions: list[tuple[str, Speaker, Path]]
+    split: str
+
+
+def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int = 2, progress: bool = True) -> dict:
+    """Build (or finish, or reuse) the corpus in `out`; returns its summary (also in out/corpus.json)."""
+    out = Path(out)
+    summary_path = out / "corpus.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("spec") == asdict(spec):
+            return summary
+    started = time.perf_counter()
+    jobs = _plan(out, spec)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "audio").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        failed = list(tqdm(pool.map(lambda job: _make_image(job, spec.image_size), jobs), total=len(jobs),
+                           desc="corpus images", disable=not progress, unit="image"))
+        skipped = [problem for problem in failed if problem]
+        jobs = [job for job, problem in zip(jobs, failed) if not problem]
+        speech = [caption for job in jobs for caption in job.captions]
+        list(tqdm(pool.map(_make_speech, speech), total=len(speech), desc="corpus speech",
+                  disable=not progress, unit="clip"))
+    summary = _write(out, jobs, spec, time.perf_counter() - started)
+    summary["skipped_drawings"] = skipped
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
+    rng = random.Random(spec.seed)
+    sources: list[tuple[str, object]] = [(f"scene_{i:05d}", random_scene(rng)) for i in range(spec.num_scenes)]
+    if spec.num_clipart:
+        drawings = find_drawings()
+        chosen = rng.sample(drawings, min(spec.num_clipart, len(drawings)))
+        sources += [(f"clipart_{i:05d}", d) for i, d in enumerate(chosen)]
+    rng.shuffle(sources)
+    speakers = all_speakers()
+    rng.shuffle(speakers)
+    held = max(1, int(len(speakers) * spec.held_out_speaker_fraction))
+    pools = {"train": speakers[held:], "val": speakers[:held], "test": speakers[:held]}
+    jobs = []
+    for index, (image_id, source) in enumerate(sources):
+        split = "test" if index < spec.test_images else "val" if index < spec.test_images + spec.val_images else "train"
+        texts = (scene_captions(source, rng, spec.captions_per_image) if image_id.startswith("scene")
+                 else clipart_captions(source, rng, spec.captions_per_image))
+        caps = [(t, rng.choice(pools[split]), out / "audio" / f"{image_id}_{n}.wav") for n, t in enumerate(texts)]
+        jobs.append(_Job(image_id, out / "images" / f"{image_id}.png", source, caps, split))
+    return jobs
+
+
+def _make_image(job: _Job, image_size: int) -> str | None:
+    """Render one image unless present; a drawing that librsvg cannot read is dropped (and reported)."""
+    if job.image.is_file():
+        return None
+    if job.image_id.startswith("scene"):
+        render(job.source, image_size).save(job.image)
+        return None
+    try:
+        render_svg(job.source.svg, job.image, image_size)
+    except DataError as error:
+        return str(error)[:300]
+    return None
+
+
+def _make_speech(caption: tuple[str, Speaker, Path]) -> None:
+    text, speaker, path = caption
+    if not path.is_file():
+        synthesize(text, speaker, path)
+
+
+def _write(out: Path, jobs: list[_Job], spec: CorpusSpec, seconds: float) -> dict:
+    counts, hours, speakers = {}, 0.0, {s: set() for s in SPLITS}
+    for split in SPLITS:
+        items = [SpokenCaption(audio=p, image=j.image, image_id=j.image_id, text=t, speaker=s.name)
+                 for j in jobs if j.split == split for t, s, p in j.captions]
+        write_manifest(items, out / f"{split}.jsonl")
+        counts[split] = {"images": sum(j.split == split for j in jobs), "captions": len(items)}
+        for item in items:
+            hours += soundfile.info(str(item.audio)).duration / 3600
+            speakers[split].add(item.speaker)
+    return {
+        "spec": asdict(spec), "splits": counts, "hours_of_speech": round(hours, 3),
+        "speakers": {s: len(v) for s, v in speakers.items()},
+        "test_speakers_in_train": len(speakers["test"] & speakers["train"]),
+        "build_seconds": round(seconds, 1),
+    }

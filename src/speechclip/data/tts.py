@@ -1,0 +1,69 @@
+"""Speech for the offline corpus: espeak-ng, one speaker per (voice, variant, speed, pitch)."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+
+from ..audio import SAMPLE_RATE
+from .items import DataError
+
+# espeak-ng's own English voices (the mbrola ones need an extra binary), and its voice variants.
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
+VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "Andy",
+            "Annie", "david", "linda", "max", "michel")
+SPEEDS = (140, 160, 180, 200)  # words per minute
+PITCHES = (30, 45, 60, 75)
+
+
+@dataclass(frozen=True)
+class Speaker:
+    voice: str
+    variant: str
+    speed: int
+    pitch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.voice}+{self.variant}-s{self.speed}-p{self.pitch}"
+
+
+def all_speakers() -> list[Speaker]:
+    """Every combination: 8 voices x 20 variants x 4 speeds x 4 pitches = 2,560 speakers."""
+    return [Speaker(*combo) for combo in itertools.product(VOICES, VARIANTS, SPEEDS, PITCHES)]
+
+
+def synthesize(text: str, speaker: Speaker, out: Path) -> float:
+    """Speak `text` into a 16 kHz mono wav at `out`; returns its duration in seconds."""
+    if shutil.which("espeak-ng") is None:
+        raise DataError("espeak-ng not found; install Debian's espeak-ng (scripts/setup.sh does)")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
+        command = ["espeak-ng", "-v", f"{speaker.voice}+{speaker.variant}", "-s", str(speaker.speed),
+                   "-p", str(speaker.pitch), "-w", raw.name, text]
+        result = subprocess.run(command, capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({result.stderr.decode(errors='ignore')[:200]})")
+        samples, rate = soundfile.read(raw.name, dtype="float32")
+    if samples.size == 0:
+        raise DataError(f"{out}: espeak-ng produced no audio for {text!r}")
+    samples = _trim(soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32))
+    tmp = out.with_suffix(".tmp.wav")
+    soundfile.write(str(tmp), samples, SAMPLE_RATE, subtype="PCM_16")
+    tmp.replace(out)  # atomic: an interrupted build never leaves a half-written wav behind
+    return len(samples) / SAMPLE_RATE
+
+
+def _trim(samples: np.ndarray, threshold: float = 1e-3, margin: int = 1600) -> np.ndarray:
+    """Cut leading/trailing silence down to 0.1 s (espeak pads generously)."""
+    loud = np.flatnonzero(np.abs(samples) > threshold)
+    if loud.size == 0:
+        return samples
+    return samples[max(0, loud[0] - margin) : loud[-1] + margin]

@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from speechclip.data import DataError, check_items, read_dataset, read_flickr8k, read_manifest, read_spokencoco
+from tests.conftest import write_wav
+
+IMAGES = ["1000268201_693b08cb0e", "1001773457_577c3a7d70", "1002674143_1b742ab4b8"]
+
+
+def _wav(path, seconds=0.3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_wav(path, np.random.default_rng(0).standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1)
+
+
+def _image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), "red").save(path)
+
+
+@pytest.fixture
+def flickr_root(tmp_path):
+    """Flickr8k Audio + Flickr8k images/text in their published layout (3 images x 5 captions)."""
+    root = tmp_path / "flickr8k"
+    audio, text = root / "flickr_audio", root / "Flickr8k_text"
+    text.mkdir(parents=True)
+    capt, spk, tokens = [], [], []
+    for name in IMAGES:
+        _image(root / "Flickr8k_Dataset" / "Flicker8k_Dataset" / f"{name}.jpg")
+        for n in range(5):
+            _wav(audio / "wavs" / f"{name}_{n}.wav")
+            capt.append(f"{name}_{n}.wav {name}.jpg #{n}")
+            spk.append(f"{name}_{n}.wav {n + 1}")
+            tokens.append(f"{name}.jpg#{n}\tA dog number {n} runs .")
+    (audio / "wav2capt.txt").write_text("\n".join(capt) + "\n")
+    (audio / "wav2spk.txt").write_text("\n".join(spk) + "\n")
+    (text / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
+    for split, names in {"train": IMAGES[:1], "dev": IMAGES[1:2], "test": IMAGES[2:]}.items():
+        (text / f"Flickr_8k.{split}Images.txt").write_text("".join(f"{n}.jpg\n" for n in names))
+    return root
+
+
+def test_flickr8k_reads_published_layout(flickr_root):
+    test = read_flickr8k(flickr_root, "test")
+    assert len(test) == 5 and {i.image_id for i in test} == {IMAGES[2]}
+    item = test[3]
+    assert item.audio.name == f"{IMAGES[2]}_3.wav" and item.audio.is_file()
+    assert item.image.is_file() and item.text == "A dog number 3 runs ." and item.speaker == "4"
+    assert len(read_flickr8k(flickr_root, "val")) == 5
+    assert len(check_items(read_flickr8k(flickr_root, "train")).good) == 5
+
+
+def test_flickr8k_karpathy_json_overrides_split(flickr_root):
+    images = [{"filename": f"{n}.jpg", "split": s} for n, s in zip(IMAGES, ["test", "train", "val"])]
+    (flickr_root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
+    assert {i.image_id for i in read_flickr8k(flickr_root, "test")} == {IMAGES[0]}
+
+
+def test_flickr8k_missing_file_is_named(flickr_root):
+    (flickr_root / "flickr_audio" / "wav2capt.txt").unlink()
+    with pytest.raises(DataError, match="wav2capt.txt: missing"):
+        read_flickr8k(flickr_root, "test")
+
+
+@pytest.fixture
+def coco_root(tmp_path):
+    root = tmp_path / "SpokenCOCO"
+    data = {"train": [], "val": []}
+    for split, coco_split, ids in (("train", "train2014", [9, 25]), ("val", "val2014", [42, 73, 74])):
+        for cid in ids:
+            image = f"{coco_split}/COCO_{coco_split}_{cid:012d}.jpg"
+            _image(root / image)
+            captions = []
+            for n in range(2):
+                wav = f"wavs/{split}/0/spk{n}-UTT{cid}_{cid}_{n}.wav"
+                _wav(root / wav)
+                captions.append({"text": f"caption {n} of {cid}", "speaker": f"spk{n}", "uttid": f"u{cid}{n}", "wav": wav})
+            data[split].append({"image": image, "captions": captions})
+    for split in data:
+        (root / f"SpokenCOCO_{split}.json").write_text(json.dumps({"data": data[split]}))
+    return root
+
+
+def test_spokencoco_reads_published_layout(coco_root):
+    train = read_spokencoco(coco_root, "train")
+    assert len(train) == 4 and train[0].text == "caption 0 of 9" and train[0].audio.is_file()
+    assert train[0].image_id == "COCO_train2014_000000000009" and train[0].image.is_file()
+    assert len(read_spokencoco(coco_root, "test")) == 6
+
+
+def test_spokencoco_karpathy_split(coco_root):
+    images = [{"filename": "COCO_val2014_000000000042.jpg", "split": "test"},
+              {"filename": "COCO_val2014_000000000073.jpg", "split": "restval"},
+              {"filename": "COCO_val2014_000000000074.jpg", "split": "val"},
+              {"filename": "COCO_train2014_000000000009.jpg", "split": "train"}]
+    (coco_root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    assert {i.image_id[-2:] for i in read_spokencoco(coco_root, "train")} == {"09", "73"}
+    assert {i.image_id[-2:] for i in read_spokencoco(coco_root, "test")} == {"42"}
+
+
+def test_manifest_jsonl_csv_and_errors(tmp_path):
+    _wav(tmp_path / "a.wav")
+    _image(tmp_path / "a.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "image": "a.png", "text": "hi"}) + "\n")
+    (tmp_path / "m.csv").write_text("audio,image,image_id\na.wav,a.png,img1\n")
+    jsonl, csv = read_manifest(tmp_path / "m.jsonl"), read_manifest(tmp_path / "m.csv")
+    assert jsonl[0].audio == tmp_path / "a.wav" and jsonl[0].image_id == "a.png" and jsonl[0].text == "hi"
+    assert csv[0].image_id == "img1" and csv[0].text is None
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "a.wav"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:1: missing field"):
+        read_manifest(tmp_path / "bad.jsonl")
+    (tmp_path / "train.jsonl").write_text((tmp_path / "m.jsonl").read_text())
+    assert len(read_dataset("manifest", str(tmp_path), "train")) == 1
+
+
+def test_check_items_raise_or_skip(tmp_path):
+    _wav(tmp_path / "good.wav")
+    write_wav(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32))
+    (tmp_path / "junk.wav").write_bytes(b"not audio")
+    _image(tmp_path / "i.png")
+    rows = [{"audio": f, "image": "i.png"} for f in ("good.wav", "empty.wav", "junk.wav", "gone.wav")]
+    rows.append({"audio": "good.wav", "image": "nothere.png"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    items = read_manifest(tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match="empty.wav: empty audio"):
+        check_items(items)
+    report = check_items(items, on_error="skip")
+    assert len(report.good) == 1 and len(report.bad) == 4
+    reasons = dict((k.split("/")[-1], v) for k, v in report.bad)
+    assert reasons["junk.wav"].startswith("unreadable") and reasons["gone.wav"] == "missing audio"
+    assert reasons["nothere.png"] == "missing image"
+    assert "4 skipped" in report.summary()

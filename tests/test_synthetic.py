@@ -1,0 +1,56 @@
+import json
+import random
+
+import soundfile
+
+from speechclip.data import read_dataset
+from speechclip.data.clipart import find_drawings
+from speechclip.data.scenes import captions, random_scene, render
+from speechclip.data.synthetic import CorpusSpec, build_corpus
+
+SPEC = CorpusSpec(num_scenes=14, num_clipart=4, captions_per_image=2, val_images=3, test_images=4, seed=3)
+
+
+def test_scenes_are_deterministic_and_described():
+    a, b = random_scene(random.Random(5)), random_scene(random.Random(5))
+    assert a == b
+    texts = captions(a, random.Random(1), 3)
+    assert len(set(texts)) == 3 and all(a[0].color in t and a[0].shape in t for t in texts)
+    assert render(a, 48).size == (48, 48)
+
+
+def test_clipart_titles_are_clean_words():
+    drawings = find_drawings()
+    assert len(drawings) > 500
+    assert all(d.title.replace(" ", "").isalpha() and d.title == d.title.lower() for d in drawings)
+    assert len({d.title for d in drawings}) == len(drawings)
+
+
+def test_build_corpus_splits_by_image_and_speaker(tmp_path):
+    summary = build_corpus(tmp_path, SPEC, progress=False)
+    splits = {s: read_dataset("manifest", str(tmp_path), s) for s in ("train", "val", "test")}
+    images = {s: {i.image_id for i in items} for s, items in splits.items()}
+    assert not images["train"] & images["test"] and not images["train"] & images["val"]
+    speakers = {s: {i.speaker for i in items} for s, items in splits.items()}
+    assert not speakers["train"] & speakers["test"] and summary["test_speakers_in_train"] == 0
+    assert sum(len(v) for v in splits.values()) == sum(s["captions"] for s in summary["splits"].values())
+    assert any(i.image_id.startswith("clipart") for v in splits.values() for i in v)
+    item = splits["test"][0]
+    info = soundfile.info(str(item.audio))
+    assert info.samplerate == 16000 and info.channels == 1 and info.duration > 0.3
+    assert item.text and item.image.is_file()
+
+
+def test_build_is_deterministic_and_reuses_files(tmp_path):
+    first = build_corpus(tmp_path / "a", SPEC, progress=False)
+    second = build_corpus(tmp_path / "b", SPEC, progress=False)
+    assert (tmp_path / "a" / "test.jsonl").read_text() == (tmp_path / "b" / "test.jsonl").read_text()
+    # an interrupted build: a wav lost and the summary missing -> only the missing file is made again
+    wav = tmp_path / "a" / json.loads((tmp_path / "a" / "train.jsonl").read_text().splitlines()[0])["audio"]
+    untouched = sorted((tmp_path / "a" / "audio").iterdir())[-1]
+    stamp = untouched.stat().st_mtime_ns
+    wav.unlink()
+    (tmp_path / "a" / "corpus.json").unlink()
+    build_corpus(tmp_path / "a", SPEC, progress=False)
+    assert wav.is_file() and untouched.stat().st_mtime_ns == stamp
+    assert first["splits"] == second["splits"]
