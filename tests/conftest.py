@@ -67,3 +67,28 @@ def write_wav(path: Path, samples: np.ndarray, rate: int = 16_000) -> Path:
 
     soundfile.write(str(path), samples, rate)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> str:
+    """A miniature offline corpus (espeak-ng speech, rendered scenes, clip-art) in the manifest layout."""
+    from speechclip.data.synthetic import CorpusSpec, build_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    build_corpus(root, CorpusSpec(num_scenes=30, num_clipart=6, captions_per_image=2, val_images=6, test_images=8,
+                                  seed=1), progress=False)
+    return str(root)
+
+
+def tiny_run_config(encoders: dict[str, str], corpus: str, cache_dir: str, variant: str = "parallel", **train):
+    from speechclip.train.config import run_config_from_dict
+
+    values = dict(batch_size=8, max_steps=6, warmup_steps=2, lr=1e-3, val_every_steps=3, checkpoint_every_steps=3,
+                  num_workers=0, cache_dir=cache_dir, log_every_steps=1)
+    values.update(train)
+    return run_config_from_dict({
+        "model": {"upstream": encoders["hubert"], "clip": encoders["clip"], "variant": variant,
+                  "parallel": {"num_heads": 4, "ffn_dim": 128}, "cascaded": {"num_keywords": 4}},
+        "data": {"kind": "manifest", "root": corpus},
+        "train": values,
+    })

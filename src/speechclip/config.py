@@ -102,4 +102,20 @@ def _build(kind: type, values: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(known)}")
-    return kind(**values)
+    fields = {f.name: str(f.type) for f in dataclasses.fields(kind)}
+    return kind(**{name: _coerce(value, fields[name], f"{where}.{name}") for name, value in values.items()})
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """YAML 1.1 reads `3e-4` as a string; turn numeric strings into the field's number type."""
+    if not isinstance(value, str):
+        return value
+    for name, cast in (("float", float), ("int", int)):
+        if annotation.startswith(name):
+            try:
+                return cast(value)
+            except ValueError as error:
+                if "None" in annotation and value.lower() in ("none", "null"):
+                    return None
+                raise ConfigError(f"{where}: expected {name}, got {value!r}") from error
+    return value

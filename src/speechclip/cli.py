@@ -1,0 +1,213 @@
+"""`speechclip demo | data build | train | eval | embed | keywords | index | search | serve`.
+
+A thin layer: each command parses its arguments and calls one library or training function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _quiet_hf() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def cmd_data_build(args) -> None:
+    from .data.synthetic import CorpusSpec, build_corpus
+
+    spec = CorpusSpec(num_scenes=args.scenes, num_clipart=args.clipart, captions_per_image=args.captions,
+                      val_images=args.val_images, test_images=args.test_images, seed=args.seed)
+    print(json.dumps(build_corpus(args.out, spec, workers=args.workers), indent=2))
+
+
+def cmd_train(args) -> None:
+    from .train.config import load_run_config
+    from .train.run import fit
+
+    config = load_run_config(args.config, args.set)
+    summary = fit(config, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+
+
+def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
+    from .train.config import load_run_config
+
+    if config is None:
+        candidate = checkpoint.parent / "run.yaml"
+        if not candidate.is_file():
+            raise SystemExit(f"{checkpoint}: no --config given and no run.yaml beside it")
+        config = str(candidate)
+    return load_run_config(config, overrides)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import format_table
+    from .train.run import evaluate_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    config = _run_config_for(checkpoint, args.config, args.set)
+    out = args.out or checkpoint / f"eval_{args.split}.json"
+    result = evaluate_checkpoint(checkpoint, config, args.split, out)
+    print(format_table(result))
+    print(f"written: {out}")
+
+
+def cmd_embed(args) -> None:
+    from .embed import embed_items
+    from .data import read_dataset, read_manifest
+    from .model import SpeechCLIP
+
+    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    if args.manifest:
+        items = read_manifest(args.manifest)
+    else:
+        config = _run_config_for(Path(args.checkpoint), args.config, args.set)
+        items = read_dataset(config.data.kind, config.data.root, args.split, **config.data.options)
+    written = embed_items(model, items, Path(args.out), args.what.split(","), batch_size=args.batch_size)
+    print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+
+
+def cmd_keywords(args) -> None:
+    from .model import SpeechCLIP
+
+    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    for path, slots in zip(args.audio, model.keywords(args.audio, top_k=args.top_k)):
+        print(path)
+        for number, slot in enumerate(slots, start=1):
+            print(f"  keyword {number}: " + "  ".join(f"{word} ({score:.2f})" for word, score in slot))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
+
+
+def cmd_index(args) -> None:
+    from .index import build_index_from_embeddings
+
+    index = build_index_from_embeddings(Path(args.embeddings), Path(args.out), kind=args.kind)
+    print(f"index of {index.size} vectors ({index.kind}) written to {args.out}")
+
+
+def cmd_search(args) -> None:
+    from .index import EmbeddingIndex
+    from .model import SpeechCLIP
+
+    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    if args.audio:
+        query = model.encode_speech([args.audio])
+    elif args.text:
+        query = model.encode_text([args.text])
+    else:
+        query = model.encode_image([args.image])
+    index = EmbeddingIndex.load(Path(args.index))
+    for rank, (item_id, score) in enumerate(index.search(query.numpy(), args.k)[0], start=1):
+        print(f"{rank:3d}. {score:.3f}  {item_id}")
+
+
+def cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(Path(args.checkpoint), Path(args.index) if args.index else None, host=args.host, port=args.port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speechclip", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="offline end-to-end run: corpus, mini encoders, SpeechCLIP, table")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a seconds-long miniature (what the tests run)")
+    demo.add_argument("--fresh", action="store_true", help="ignore cached corpus/encoders/results")
+    demo.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="build the offline spoken-caption corpus")
+    build.add_argument("--out", required=True)
+    build.add_argument("--scenes", type=int, default=1500)
+    build.add_argument("--clipart", type=int, default=400)
+    build.add_argument("--captions", type=int, default=3)
+    build.add_argument("--val-images", type=int, default=100)
+    build.add_argument("--test-images", type=int, default=200)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    build.set_defaults(func=cmd_data_build)
+
+    train = sub.add_parser("train", help="train a SpeechCLIP model from a YAML config")
+    train.add_argument("--config", required=True)
+    train.add_argument("--run-dir", required=True)
+    train.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoints/last.ckpt")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="retrieval and keyword tables for a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--config", help="run YAML with the data section (default: run.yaml beside the checkpoint)")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--out")
+    evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    evaluate.set_defaults(func=cmd_eval)
+
+    embed = sub.add_parser("embed", help="write speech/image/text embeddings with their ids")
+    embed.add_argument("--checkpoint", required=True)
+    embed.add_argument("--manifest", help="a JSONL/CSV manifest (else the run config's split)")
+    embed.add_argument("--config")
+    embed.add_argument("--split", default="test")
+    embed.add_argument("--what", default="speech,image,text")
+    embed.add_argument("--out", required=True)
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    embed.set_defaults(func=cmd_embed)
+
+    keywords = sub.add_parser("keywords", help="print the keywords of spoken clips (cascaded/hybrid)")
+    keywords.add_argument("--checkpoint", required=True)
+    keywords.add_argument("--top-k", type=int, default=5)
+    keywords.add_argument("audio", nargs="+")
+    keywords.set_defaults(func=cmd_keywords)
+
+    index = sub.add_parser("index", help="build a FAISS index from an embeddings file")
+    index.add_argument("--embeddings", required=True, help="a .safetensors written by `speechclip embed`")
+    index.add_argument("--out", required=True)
+    index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="query an index with speech, text or an image")
+    search.add_argument("--index", required=True)
+    search.add_argument("--checkpoint", required=True)
+    group = search.add_mutually_exclusive_group(required=True)
+    group.add_argument("--audio")
+    group.add_argument("--text")
+    group.add_argument("--image")
+    search.add_argument("-k", type=int, default=10)
+    search.set_defaults(func=cmd_search)
+
+    serve = sub.add_parser("serve", help="HTTP API + web page")
+    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--index")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    _quiet_hf()
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as error:  # our errors name the file or field: show them plainly
+        print(f"speechclip: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Frozen CLIP image embeddings, computed once per image and kept on disk.
+
+The image tower is frozen, so an image's embedding never changes for a given CLIP: every epoch,
+validation and evaluation reads it from here. Keyed by CLIP model and by image (path, size, mtime),
+so an edited image is embedded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .clip import FrozenCLIP
+from .images import load_image
+
+
+def _image_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+class ImageEmbeddingCache:
+    def __init__(self, folder: str | Path, clip: FrozenCLIP, batch_size: int = 64):
+        slug = hashlib.sha1(str(clip.name_or_path).encode()).hexdigest()[:16]
+        self.folder = Path(folder) / slug
+        self.clip = clip
+        self.batch_size = batch_size
+        self.images_embedded = 0  # how many images went through the CLIP tower (tests and benchmarks read it)
+        self._keys: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._table = torch.zeros(0, clip.embed_dim)
+        self._load()
+
+    def _load(self) -> None:
+        index, weights = self.folder / "index.json", self.folder / "embeddings.safetensors"
+        if index.is_file() and weights.is_file():
+            self._keys = json.loads(index.read_text())
+            self._table = load_file(str(weights))["embeddings"]
+            self._rows = {k: i for i, k in enumerate(self._keys)}
+
+    def _save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "clip.txt").write_text(str(self.clip.name_or_path) + "\n")
+        tmp = self.folder / "embeddings.tmp.safetensors"
+        save_file({"embeddings": self._table.contiguous()}, str(tmp))
+        tmp.replace(self.folder / "embeddings.safetensors")
+        (self.folder / "index.json").write_text(json.dumps(self._keys))
+
+    def embeddings(self, paths: Sequence[str | Path], progress: bool = False) -> torch.Tensor:
+        """(len(paths), D_clip) unnormalised image embeddings, embedding only the images not yet cached."""
+        keys = [_image_key(Path(p)) if Path(p).is_file() else str(p) for p in paths]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._rows))
+        if missing:
+            by_key = dict(zip(keys, paths))
+            new = []
+            for start in tqdm(range(0, len(missing), self.batch_size), desc="image embeddings", disable=not progress):
+                chunk = missing[start : start + self.batch_size]
+                images = [load_image(by_key[k]) for k in chunk]
+                new.append(self.clip.image_features(self.clip.preprocess_images(images)).float().cpu())
+                self.images_embedded += len(chunk)
+            self._rows.update({k: len(self._keys) + i for i, k in enumerate(missing)})
+            self._keys += missing
+            self._table = torch.cat([self._table] + new)
+            self._save()
+        return self._table[[self._rows[k] for k in keys]]

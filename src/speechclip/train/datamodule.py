@@ -1,0 +1,159 @@
+"""Batches of (waveform, cached image embedding, image id): splits, length grouping, collation."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator, Sequence
+
+import lightning as L
+import soundfile
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..audio import AudioError, crop, load_audio, pad_batch
+from ..clip import FrozenCLIP
+from ..data import SpokenCaption, check_items, read_dataset
+from ..image_cache import ImageEmbeddingCache
+from ..images import load_image
+from .config import DataConfig, TrainConfig
+
+
+class SpokenCaptionDataset(Dataset):
+    """Item i -> 16 kHz waveform (randomly cropped in training) + the row of its image.
+
+    A clip that fails to decode (corrupt data behind a good header, NaN) stops the run naming the file,
+    or, with on_error="skip", is recorded in `skipped` and replaced by the next clip, so batch sizes
+    stay equal across processes."""
+
+    def __init__(self, items: Sequence[SpokenCaption], image_rows: Sequence[int], max_samples: int | None,
+                 train: bool, on_error: str = "raise"):
+        self.items, self.image_rows = list(items), list(image_rows)
+        self.max_samples = max_samples if train else None
+        self.train, self.on_error = train, on_error
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.items)):
+            item = self.items[(index + attempt) % len(self.items)]
+            try:
+                wave = torch.from_numpy(load_audio(item.audio))
+            except AudioError as error:
+                if self.on_error != "skip":
+                    raise
+                self.skipped[str(item.audio)] = str(error)
+                continue
+            # torch's default generator: seeded per worker and epoch by the DataLoader (and by seed_everything)
+            generator = torch.default_generator if self.train else None
+            row = (index + attempt) % len(self.items)
+            return {"wave": crop(wave, self.max_samples, generator), "image_row": self.image_rows[row], "index": row}
+        raise AudioError("no readable audio in the dataset")
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar-length clips (less padding), split evenly across processes.
+
+    Pools of `bucket * batch_size` random clips are sorted by length and cut into batches; the batch
+    order is shuffled. Each rank takes every world_size-th batch of the same permutation."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, bucket: int = 50, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True):
+        self.lengths, self.batch_size, self.bucket = list(lengths), batch_size, bucket
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        pool = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            rng.shuffle(batches)
+        usable = len(batches) - len(batches) % self.world_size if self.world_size > 1 else len(batches)
+        return batches[:usable][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def collate(batch: list[dict], image_table: torch.Tensor | None, image_paths: list | None, clip: FrozenCLIP | None) -> dict:
+    waves, lengths = pad_batch([b["wave"] for b in batch])
+    rows = torch.tensor([b["image_row"] for b in batch])
+    out = {"waves": waves, "lengths": lengths, "image_ids": rows, "index": torch.tensor([b["index"] for b in batch])}
+    if image_table is not None:
+        out["image_embeds"] = image_table[rows]
+    else:  # naive path: pixels every step, for the benchmark that measures what the cache saves
+        out["pixel_values"] = clip.preprocess_images([load_image(image_paths[r]) for r in rows.tolist()])
+    return out
+
+
+class SpeechImageDataModule(L.LightningDataModule):
+    def __init__(self, data: DataConfig, train: TrainConfig, clip: FrozenCLIP):
+        super().__init__()
+        self.data_config, self.train_config, self.clip = data, train, clip
+        self.items: dict[str, list[SpokenCaption]] = {}
+        self.reports: dict[str, str] = {}
+        self.image_paths: list = []
+        self.image_table: torch.Tensor | None = None
+        self.cache = ImageEmbeddingCache(train.cache_dir, clip) if train.image_cache else None
+
+    def read(self, split: str) -> list[SpokenCaption]:
+        """Read and check a split once (header reads); bad items stop the run or are skipped and counted."""
+        if split not in self.items:
+            name = getattr(self.data_config, f"{split}_split", split)
+            items = read_dataset(self.data_config.kind, self.data_config.root, name, **self.data_config.options)
+            report = check_items(items, self.data_config.on_error)
+            self.items[split], self.reports[split] = report.good, report.summary()
+        return self.items[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.image_paths:
+            return
+        splits = [self.read("train"), self.read("val")]
+        rows: dict[str, int] = {}
+        for item in (i for split in splits for i in split):
+            if item.image_id not in rows:
+                rows[item.image_id] = len(rows)
+                self.image_paths.append(item.image)
+        self.image_row = rows
+        if self.cache is not None:
+            self.image_table = self.cache.embeddings(self.image_paths, progress=True)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        items = self.read(split)
+        config = self.train_config
+        dataset = SpokenCaptionDataset(items, [self.image_row[i.image_id] for i in items], config.max_audio_samples,
+                                       train, self.data_config.on_error)
+        lengths = [soundfile.info(str(i.audio)).frames for i in items]
+        trainer = self.trainer
+        # training batches are split across processes; validation runs whole on each (it is small)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)
+        sampler = LengthGroupedBatchSampler(lengths, min(config.batch_size, len(items)) if train else config.eval_batch_size,
+                                            config.length_bucket, shuffle=train, seed=config.seed, rank=rank,
+                                            world_size=world, drop_last=train)
+        clip = None if self.image_table is not None else self.clip
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                          collate_fn=lambda b: collate(b, self.image_table, self.image_paths, clip),
+                          persistent_workers=config.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
