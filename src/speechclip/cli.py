@@ -85,7 +85,7 @@ def cmd_keywords(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .train.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
 

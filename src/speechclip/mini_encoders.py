@@ -93,14 +93,14 @@ def save_mini_clip(folder: str | Path, tokenizer: CLIPTokenizer, config: CLIPCon
     return folder
 
 
-def mini_speech_config(kind: str = "hubert", width: int = 64, layers: int = 2, heads: int = 4, conv_dim: int = 64,
+def mini_speech_config(kind: str = "hubert", width: int = 64, layers: int = 2, heads: int = 4, conv_dim: int | tuple = 64,
                        group_norm: bool = True, **overrides) -> object:
     """A speech SSL config of the real architecture (320x conv downsampling), scaled down."""
     if kind not in SPEECH_MODELS:
         raise ValueError(f"kind: expected one of {sorted(SPEECH_MODELS)}, got {kind!r}")
     config_class, _ = SPEECH_MODELS[kind]
     values = dict(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=4 * width,
-                  conv_dim=(conv_dim,) * 7, conv_kernel=CONV_KERNELS, conv_stride=CONV_STRIDES,
+                  conv_dim=(conv_dim,) * 7 if isinstance(conv_dim, int) else tuple(conv_dim), conv_kernel=CONV_KERNELS, conv_stride=CONV_STRIDES,
                   num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
                   feat_extract_norm="group" if group_norm else "layer", do_stable_layer_norm=not group_norm,
                   mask_time_prob=0.0, layerdrop=0.0)

@@ -70,6 +70,11 @@ class SpeechCLIP(nn.Module):
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> SpeechOutput:
         """(B, S) zero-padded 16 kHz waveforms and (B,) lengths -> speech embeddings (and keywords)."""
         states, frame_mask = self.upstream(waves, lengths)
+        return self.forward_states(states, frame_mask)
+
+    def forward_states(self, states: torch.Tensor, frame_mask: torch.Tensor) -> SpeechOutput:
+        """From the frozen upstream's (L+1, B, T, D) hidden states and (B, T) valid mask: the trainable part
+        alone (training reuses cached states when the upstream's input never changes)."""
         frames = self.featurizer(states)
         if self.config.variant == "parallel":
             return SpeechOutput(self.head(frames, frame_mask), None)

@@ -15,7 +15,9 @@ from ..clip import FrozenCLIP
 from ..data import SpokenCaption, check_items, read_dataset
 from ..image_cache import ImageEmbeddingCache
 from ..images import load_image
+from ..upstream import SpeechUpstream
 from .config import DataConfig, TrainConfig
+from .state_cache import crop_states, pad_states, upstream_states
 
 
 class SpokenCaptionDataset(Dataset):
@@ -26,9 +28,11 @@ class SpokenCaptionDataset(Dataset):
     stay equal across processes."""
 
     def __init__(self, items: Sequence[SpokenCaption], image_rows: Sequence[int], max_samples: int | None,
-                 train: bool, on_error: str = "raise"):
+                 train: bool, on_error: str = "raise", states: Sequence[torch.Tensor] | None = None,
+                 max_frames: int | None = None):
         self.items, self.image_rows = list(items), list(image_rows)
         self.max_samples = max_samples if train else None
+        self.states, self.max_frames = states, (max_frames if train else None)
         self.train, self.on_error = train, on_error
         self.skipped: dict[str, str] = {}
 
@@ -36,6 +40,10 @@ class SpokenCaptionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        if self.states is not None:
+            generator = torch.default_generator if self.train else None
+            return {"states": crop_states(self.states[index], self.max_frames, generator),
+                    "image_row": self.image_rows[index], "index": index}
         for attempt in range(len(self.items)):
             item = self.items[(index + attempt) % len(self.items)]
             try:
@@ -93,9 +101,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
 
 def collate(batch: list[dict], image_table: torch.Tensor | None, image_paths: list | None, clip: FrozenCLIP | None) -> dict:
-    waves, lengths = pad_batch([b["wave"] for b in batch])
     rows = torch.tensor([b["image_row"] for b in batch])
-    out = {"waves": waves, "lengths": lengths, "image_ids": rows, "index": torch.tensor([b["index"] for b in batch])}
+    out = {"image_ids": rows, "index": torch.tensor([b["index"] for b in batch])}
+    if "states" in batch[0]:
+        out["states"], out["frame_mask"] = pad_states([b["states"] for b in batch])
+    else:
+        out["waves"], out["lengths"] = pad_batch([b["wave"] for b in batch])
     if image_table is not None:
         out["image_embeds"] = image_table[rows]
     else:  # naive path: pixels every step, for the benchmark that measures what the cache saves
@@ -104,10 +115,14 @@ def collate(batch: list[dict], image_table: torch.Tensor | None, image_paths: li
 
 
 class SpeechImageDataModule(L.LightningDataModule):
-    def __init__(self, data: DataConfig, train: TrainConfig, clip: FrozenCLIP):
+    def __init__(self, data: DataConfig, train: TrainConfig, clip: FrozenCLIP, upstream: SpeechUpstream | None = None):
         super().__init__()
-        self.data_config, self.train_config, self.clip = data, train, clip
+        self.data_config, self.train_config, self.clip, self.upstream = data, train, clip, upstream
+        if train.cache_upstream_states and upstream is None:
+            raise ValueError("train.cache_upstream_states needs the upstream")
         self.items: dict[str, list[SpokenCaption]] = {}
+        self.lengths: dict[str, list[int]] = {}
+        self.states: dict[str, list[torch.Tensor]] = {}
         self.reports: dict[str, str] = {}
         self.image_paths: list = []
         self.image_table: torch.Tensor | None = None
@@ -120,6 +135,7 @@ class SpeechImageDataModule(L.LightningDataModule):
             items = read_dataset(self.data_config.kind, self.data_config.root, name, **self.data_config.options)
             report = check_items(items, self.data_config.on_error)
             self.items[split], self.reports[split] = report.good, report.summary()
+            self.lengths[split] = [soundfile.info(str(i.audio)).frames for i in report.good]
         return self.items[split]
 
     def setup(self, stage: str | None = None) -> None:
@@ -134,13 +150,20 @@ class SpeechImageDataModule(L.LightningDataModule):
         self.image_row = rows
         if self.cache is not None:
             self.image_table = self.cache.embeddings(self.image_paths, progress=True)
+        if self.train_config.cache_upstream_states:
+            for split in ("train", "val"):
+                self.states[split] = upstream_states(self.upstream, self.items[split], self.lengths[split],
+                                                     self.train_config.eval_batch_size)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         items = self.read(split)
         config = self.train_config
+        max_frames = None
+        if config.max_audio_samples and self.upstream is not None:
+            max_frames = int(self.upstream.frame_lengths(torch.tensor(config.max_audio_samples)))
         dataset = SpokenCaptionDataset(items, [self.image_row[i.image_id] for i in items], config.max_audio_samples,
-                                       train, self.data_config.on_error)
-        lengths = [soundfile.info(str(i.audio)).frames for i in items]
+                                       train, self.data_config.on_error, self.states.get(split), max_frames)
+        lengths = self.lengths[split]
         trainer = self.trainer
         # training batches are split across processes; validation runs whole on each (it is small)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None and train else (0, 1)

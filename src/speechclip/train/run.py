@@ -67,7 +67,7 @@ def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: 
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     started = time.perf_counter()
     model = SpeechCLIP(config.model)
-    datamodule = SpeechImageDataModule(config.data, config.train, model.clip)
+    datamodule = SpeechImageDataModule(config.data, config.train, model.clip, model.upstream)
     if config.model.uses_cascaded and config.model.cascaded.keyword_vocab is None:
         captions = [i.text for i in datamodule.read("train") if i.text]
         if captions:

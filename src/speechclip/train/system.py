@@ -45,8 +45,13 @@ class SpeechCLIPSystem(L.LightningModule):
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return gather_batch(tensor, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
+    def _speech(self, batch: dict):
+        if "states" in batch:
+            return self.model.forward_states(batch["states"], batch["frame_mask"])
+        return self.model(batch["waves"], batch["lengths"])
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        output = self.model(batch["waves"], batch["lengths"])
+        output = self._speech(batch)
         images = self._gather(self._image_embeds(batch).float())
         image_ids = self._gather(batch["image_ids"])
         scale = self.model.scale()
@@ -57,7 +62,7 @@ class SpeechCLIPSystem(L.LightningModule):
             losses["cascaded"] = contrastive_loss(self._gather(output.cascaded.embeds), images, scale, image_ids)
         weights = {"parallel": self.model.config.parallel_loss_weight, "cascaded": self.model.config.cascaded_loss_weight}
         loss = sum(weights[name] * value for name, value in losses.items())
-        size = len(batch["waves"])
+        size = len(batch["image_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value, batch_size=size)
@@ -74,7 +79,7 @@ class SpeechCLIPSystem(L.LightningModule):
 
     # ---- validation: speech<->image recall on the whole validation split ------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        output = self.model(batch["waves"], batch["lengths"])
+        output = self._speech(batch)
         self._val.append((output.embeds.float().cpu(), batch["image_ids"].cpu()))
 
     def on_validation_epoch_end(self) -> None:

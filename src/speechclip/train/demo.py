@@ -1,0 +1,166 @@
+"""`speechclip demo`: the whole paper offline, from nothing, on a laptop.
+
+1. build the offline spoken-caption corpus (or reuse it);
+2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
+   saved as ordinary Hugging Face folders (reused on the next run);
+3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and the
+   same on a randomly initialised frozen upstream as a control;
+4. evaluate on the test split (unseen images, unseen speakers) and print one table;
+5. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..audio import load_audio
+from ..clip import FrozenCLIP
+from ..data import read_dataset
+from ..data.synthetic import CorpusSpec, build_corpus
+from ..evaluate import evaluate
+from ..image_cache import ImageEmbeddingCache
+from ..metrics import recall_at_k
+from ..mini_encoders import mini_speech_config, save_mini_speech
+from ..model import SpeechCLIP
+from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
+from ..pretrain.mini_hubert import MiniHubertSpec, pretrain_mini_hubert
+from .config import run_config_from_dict
+from .run import fit
+
+
+@dataclass
+class DemoSpec:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
+    hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
+    speechclip_steps: int = 1200
+    batch_size: int = 64
+    lr: float = 1e-3
+    num_keywords: int = 6
+
+    @classmethod
+    def quick(cls) -> "DemoSpec":
+        """Seconds, not minutes: every stage runs, on a toy scale (what the tests use)."""
+        return cls(corpus=CorpusSpec(num_scenes=24, num_clipart=4, captions_per_image=2, val_images=4, test_images=6),
+                   clip=MiniCLIPSpec(width=32, layers=1, heads=2, vocab_size=300, steps=5, batch_size=16, projection_dim=32),
+                   hubert=MiniHubertSpec(width=32, layers=1, heads=2, clusters=8, steps=3, batch_size=4,
+                                         conv_dims=(16,) * 7),
+                   speechclip_steps=4, batch_size=8, num_keywords=2)
+
+
+class Stages:
+    """Prints a line as each stage starts and ends, and keeps the wall time of each."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        print(f"[demo] {name} ...", flush=True)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        print(f"[demo] {name}: {self.seconds[name]:.1f} s", flush=True)
+
+
+def _cached(folder: Path, spec: object, build) -> dict:
+    """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
+    marker = folder / "pretrain.json"
+    if marker.is_file():
+        log = json.loads(marker.read_text())
+        if log.get("spec") == asdict(spec):
+            log["reused"] = True
+            return log
+    log = build()
+    log["spec"] = asdict(spec)
+    marker.write_text(json.dumps(log) + "\n")
+    log["reused"] = False
+    return log
+
+
+def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path) -> dict:
+    return {
+        "model": {"upstream": str(upstream), "clip": str(clip), "variant": "hybrid",
+                  "parallel": {"num_heads": 4, "ffn_dim": 4 * spec.hubert.width},  # heads are upstream-wide
+                  "cascaded": {"num_keywords": spec.num_keywords}},
+        "data": {"kind": "manifest", "root": str(corpus)},
+        "train": {"batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": max(1, spec.speechclip_steps // 10),
+                  "max_steps": spec.speechclip_steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, spec.speechclip_steps // 4),
+                  "checkpoint_every_steps": max(1, spec.speechclip_steps // 4), "num_workers": 0, "cache_dir": str(cache),
+                  "cache_upstream_states": True, "log_every_steps": 10, "precision": "32-true"},
+    }
+
+
+def run_demo(out: Path, quick: bool = False, fresh: bool = False) -> dict:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = DemoSpec.quick() if quick else DemoSpec()
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for marker in out.glob("**/pretrain.json"):
+            marker.unlink()
+        (out / "corpus" / "corpus.json").unlink(missing_ok=True)
+    stage = Stages()
+    started = time.perf_counter()
+    with stage("1. offline corpus"):
+        corpus_dir = out / "corpus"
+        corpus = build_corpus(corpus_dir, spec.corpus, workers=2)
+        train_items = read_dataset("manifest", str(corpus_dir), "train")
+    encoders = out / "encoders"
+    with stage("2a. pre-train mini CLIP"):
+        clip_log = _cached(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(
+            [(i.image, i.text) for i in train_items], encoders / "clip", spec.clip))
+    with stage("2b. pre-train mini HuBERT"):
+        hubert_log = _cached(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
+            [torch.from_numpy(load_audio(i.audio)) for i in train_items], encoders / "hubert", spec.hubert))
+        torch.manual_seed(spec.hubert.seed + 1)
+        save_mini_speech(encoders / "hubert-random", mini_speech_config(
+            "hubert", width=spec.hubert.width, layers=spec.hubert.layers, heads=spec.hubert.heads, group_norm=False,
+            conv_dim=tuple(spec.hubert.conv_dims), mask_time_prob=0.05))
+    runs = {}
+    for letter, name, upstream in (("a", "pretrained", encoders / "hubert"), ("b", "random", encoders / "hubert-random")):
+        with stage(f"3{letter}. train SpeechCLIP on the {name} upstream"):
+            config = run_config_from_dict(_speechclip_config(spec, upstream, encoders / "clip", corpus_dir, out / "cache"))
+            runs[name] = fit(config, out / "runs" / name, progress=False)
+    with stage("4. evaluate on the test split"):
+        results = _evaluate(out, corpus_dir, encoders / "clip")
+    results.update(corpus=corpus, stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - started, 1),
+                   pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs, quick=quick)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    with stage("5. pictures"):
+        from .demo_report import write_pictures
+
+        write_pictures(out, results, clip_log, hubert_log)
+    from .demo_report import format_demo_table
+
+    print(format_demo_table(results))
+    print(f"[demo] results: {out / 'results.json'}, pictures: {out / 'pictures'}")
+    return results
+
+
+def _short(log: dict) -> dict:
+    return {k: v for k, v in log.items() if k != "losses"}
+
+
+def _evaluate(out: Path, corpus_dir: Path, clip_dir: Path) -> dict:
+    test = read_dataset("manifest", str(corpus_dir), "test")
+    results = {}
+    for name in ("pretrained", "random"):
+        model = SpeechCLIP.from_pretrained(out / "runs" / name / "final")
+        cache = ImageEmbeddingCache(out / "cache", model.clip)
+        results[name] = evaluate(model, test, cache)
+    clip = FrozenCLIP(str(clip_dir))
+    image_ids = list(dict.fromkeys(i.image_id for i in test))
+    path = {i.image_id: i.image for i in test}
+    images = ImageEmbeddingCache(out / "cache", clip).embeddings([path[i] for i in image_ids])
+    tokens = clip.tokenize([i.text for i in test])
+    texts = clip.text_features(tokens["input_ids"], tokens["attention_mask"])
+    relevant = torch.tensor([[i.image_id == j for j in image_ids] for i in test])
+    results["clip_text_to_image"] = recall_at_k(texts, images, relevant)
+    results["test"] = {"captions": len(test), "images": len(image_ids), "speakers": len({i.speaker for i in test})}
+    return results
