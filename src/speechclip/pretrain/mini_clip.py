@@ -30,7 +30,7 @@ class MiniCLIPSpec:
     patch_size: int = 8
     projection_dim: int = 128
     max_tokens: int = 32
-    steps: int = 700
+    steps: int = 350
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05

@@ -1,0 +1,31 @@
+"""`speechclip demo --quick`: every stage runs and every metric and picture is there (toy scale; the
+full-size figures are in the README with the command that reproduces them)."""
+
+import json
+
+import pytest
+
+from speechclip.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage(tmp_path, capsys):
+    main(["demo", "--quick", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    stages = results["stage_seconds"]
+    assert [s.split(".")[0] for s in stages] == ["1", "2a", "2b", "3a", "3b", "4", "5"]
+    for name in ("pretrained", "random"):
+        for branch in ("parallel", "cascaded"):
+            for task in ("speech_to_image", "image_to_speech", "speech_to_text", "text_to_speech"):
+                assert 1 in results[name][branch][task]["recall"] or "1" in results[name][branch][task]["recall"]
+        assert 0 <= results[name]["keywords"]["hit_rate"] <= 1
+    assert results["clip_text_to_image"]["recall"]
+    assert results["pretraining"]["hubert"]["masked_accuracy_last"] >= 0
+    for picture in ("training_curves.png", "retrieval_grid.png", "keywords.png"):
+        assert (tmp_path / "pictures" / picture).stat().st_size > 1000
+    assert "mini CLIP text -> image" in printed and "zero-shot" in printed and "random upstream" in printed
+    # a second run reuses the corpus and both encoders
+    main(["demo", "--quick", "--out", str(tmp_path)])
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["pretraining"]["clip"]["reused"] and again["pretraining"]["hubert"]["reused"]
