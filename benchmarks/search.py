@@ -53,8 +53,7 @@ def main() -> None:
         index.search_rows(queries[:5], 10)
         started = time.perf_counter()
         for query in queries:  # one query at a time: the latency a user sees
-            _, found = index.search_rows(query[None], 10)
-            found_rows = found if kind != "flat" else None
+            index.search_rows(query[None], 10)
         single = (time.perf_counter() - started) / len(queries) * 1000
         _, found = index.search_rows(queries, 10)
         if kind == "flat":
@@ -62,7 +61,7 @@ def main() -> None:
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact)]) if exact is not None else float("nan")
         rows.append((kind, str(index.params), f"{build:.1f}", f"{single:.2f}", f"{recall:.3f}", f"{memory:.0f}",
                      f"{rss_mb() - before:+.0f}"))
-        del index, found_rows
+        del index
     print(f"search, {args.count:,} x {args.dim} ({'gaussian' if args.uniform else 'clustered'}), top-10, "
           f"{args.queries} single queries")
     print(table(rows, ("index", "params", "build s", "ms/query", "recall@10 vs exact", "index MB", "peak RSS delta MB")))

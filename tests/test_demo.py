@@ -29,3 +29,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     main(["demo", "--quick", "--out", str(tmp_path)])
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["pretraining"]["clip"]["reused"] and again["pretraining"]["hubert"]["reused"]
+    assert again["training"]["pretrained"]["reused"] and again["training"]["random"]["reused"]
+    main(["demo", "--quick", "--retrain", "--out", str(tmp_path)])
+    retrained = json.loads((tmp_path / "results.json").read_text())
+    assert retrained["pretraining"]["hubert"]["reused"] and not retrained["training"]["pretrained"]["reused"]

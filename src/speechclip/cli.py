@@ -11,12 +11,22 @@ import sys
 from pathlib import Path
 
 
-def _quiet_hf() -> None:
+def _quiet_libraries() -> None:
+    """Keep our own progress lines readable: no HF weight-loading bars, no Lightning tips or notes about
+    frozen modules in eval mode (intended here)."""
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
+                    ".*does not have many workers.*", ".*exists and is not empty.*", ".*requires torchvision.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def cmd_data_build(args) -> None:
@@ -87,7 +97,7 @@ def cmd_keywords(args) -> None:
 def cmd_demo(args) -> None:
     from .train.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh)
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain)
 
 
 def cmd_index(args) -> None:
@@ -126,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline end-to-end run: corpus, mini encoders, SpeechCLIP, table")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a seconds-long miniature (what the tests run)")
-    demo.add_argument("--fresh", action="store_true", help="ignore cached corpus/encoders/results")
+    demo.add_argument("--fresh", action="store_true", help="rebuild the corpus, encoders and SpeechCLIP runs")
+    demo.add_argument("--retrain", action="store_true", help="reuse corpus and encoders, train SpeechCLIP again")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
@@ -201,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    _quiet_hf()
+    _quiet_libraries()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as error:  # our errors name the file or field: show them plainly

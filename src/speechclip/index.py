@@ -43,7 +43,7 @@ class EmbeddingIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: Sequence[str], kind: str = "auto", nlist: int | None = None,
-              nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 96, seed: int = 0) -> "EmbeddingIndex":
+              nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0) -> "EmbeddingIndex":
         """kind: flat (exact) | ivf (k-means cells, `nprobe` visited) | hnsw (graph) | auto."""
         faiss = _faiss()
         vectors = _normalized(vectors)
@@ -63,6 +63,7 @@ class EmbeddingIndex:
             params = {"nlist": nlist, "nprobe": index.nprobe}
         elif kind == "hnsw":
             index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 64
             index.hnsw.efSearch = ef_search
             params = {"M": hnsw_m, "efSearch": ef_search}
         else:

@@ -4,14 +4,16 @@ POST /embed/speech (wav upload), /embed/text (JSON {"texts": [...]}), /keywords 
 /search (wav upload or form field `text`, `k`); GET / serves the page.
 """
 
-from __future__ import annotations
-
 import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import soundfile
 import soxr
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile  # the [serve] extra
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel
 
 from .audio import SAMPLE_RATE, AudioError, check_waveform
 from .index import EmbeddingIndex
@@ -46,15 +48,12 @@ def read_upload(data: bytes, name: str) -> np.ndarray:
     return check_waveform(samples, name)
 
 
-def create_app(model: SpeechCLIP, index: EmbeddingIndex | None = None):
-    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-    from fastapi.responses import HTMLResponse
-    from pydantic import BaseModel
+class Texts(BaseModel):
+    texts: list[str]
 
+
+def create_app(model: SpeechCLIP, index: Optional[EmbeddingIndex] = None) -> FastAPI:
     app = FastAPI(title="speechclip")
-
-    class Texts(BaseModel):
-        texts: list[str]
 
     async def waveform(upload: UploadFile) -> np.ndarray:
         try:
@@ -81,7 +80,7 @@ def create_app(model: SpeechCLIP, index: EmbeddingIndex | None = None):
         return {"keywords": model.keywords([await waveform(audio)], top_k=top_k)[0]}
 
     @app.post("/search")
-    async def search(audio: UploadFile | None = File(None), text: str | None = Form(None), k: int = Form(10)) -> dict:
+    async def search(audio: Optional[UploadFile] = File(None), text: Optional[str] = Form(None), k: int = Form(10)) -> dict:
         if index is None:
             raise HTTPException(status_code=400, detail="the server was started without --index")
         if audio is not None and audio.filename:
@@ -98,7 +97,7 @@ def create_app(model: SpeechCLIP, index: EmbeddingIndex | None = None):
     return app
 
 
-def serve(checkpoint: Path, index: Path | None, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(checkpoint: Path, index: Optional[Path], host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     app = create_app(SpeechCLIP.from_pretrained(checkpoint), EmbeddingIndex.load(index) if index else None)

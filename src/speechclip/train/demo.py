@@ -31,6 +31,7 @@ from ..model import SpeechCLIP
 from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
 from ..pretrain.mini_hubert import MiniHubertSpec, pretrain_mini_hubert
 from .config import run_config_from_dict
+from .demo_report import format_demo_table, write_pictures
 from .run import fit
 
 
@@ -72,13 +73,14 @@ class Stages:
 def _cached(folder: Path, spec: object, build) -> dict:
     """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
     marker = folder / "pretrain.json"
+    wanted = json.loads(json.dumps(asdict(spec)))  # tuples become lists, as they read back
     if marker.is_file():
         log = json.loads(marker.read_text())
-        if log.get("spec") == asdict(spec):
+        if log.get("spec") == wanted:
             log["reused"] = True
             return log
     log = build()
-    log["spec"] = asdict(spec)
+    log["spec"] = wanted
     marker.write_text(json.dumps(log) + "\n")
     log["reused"] = False
     return log
@@ -97,11 +99,27 @@ def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path,
     }
 
 
-def run_demo(out: Path, quick: bool = False, fresh: bool = False) -> dict:
+def _train_or_reuse(values: dict, encoders: dict, run_dir: Path, retrain: bool) -> dict:
+    """Train, unless run_dir already holds a finished run of the same configuration on encoders of the same
+    pre-training spec (and not `retrain`)."""
+    marker = run_dir / "demo_run.json"
+    if not retrain and marker.is_file() and (run_dir / "final" / "model.safetensors").is_file():
+        saved = json.loads(marker.read_text())
+        if saved["config"] == values and saved.get("encoders") == encoders:
+            print(f"[demo] reusing {run_dir} (same configuration; --retrain to train again)", flush=True)
+            return {**saved["summary"], "reused": True}
+    summary = fit(run_config_from_dict(values), run_dir, progress=True)
+    marker.write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
+    return {**summary, "reused": False}
+
+
+def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False) -> dict:
+    """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = DemoSpec.quick() if quick else DemoSpec()
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
+        retrain = True
         for marker in out.glob("**/pretrain.json"):
             marker.unlink()
         (out / "corpus" / "corpus.json").unlink(missing_ok=True)
@@ -125,18 +143,16 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False) -> dict:
     runs = {}
     for letter, name, upstream in (("a", "pretrained", encoders / "hubert"), ("b", "random", encoders / "hubert-random")):
         with stage(f"3{letter}. train SpeechCLIP on the {name} upstream"):
-            config = run_config_from_dict(_speechclip_config(spec, upstream, encoders / "clip", corpus_dir, out / "cache"))
-            runs[name] = fit(config, out / "runs" / name, progress=False)
+            values = _speechclip_config(spec, upstream, encoders / "clip", corpus_dir, out / "cache")
+            specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
+            runs[name] = _train_or_reuse(values, specs, out / "runs" / name, retrain)
     with stage("4. evaluate on the test split"):
         results = _evaluate(out, corpus_dir, encoders / "clip")
+    with stage("5. pictures"):
+        write_pictures(out, results, clip_log, hubert_log)
     results.update(corpus=corpus, stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs, quick=quick)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    with stage("5. pictures"):
-        from .demo_report import write_pictures
-
-        write_pictures(out, results, clip_log, hubert_log)
-    from .demo_report import format_demo_table
 
     print(format_demo_table(results))
     print(f"[demo] results: {out / 'results.json'}, pictures: {out / 'pictures'}")

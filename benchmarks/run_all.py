@@ -1,0 +1,61 @@
+"""Run every benchmark and write their printed tables into benchmarks/RESULTS.md (with the commands).
+
+Usage: python benchmarks/run_all.py [--skip search] [--demo-results runs/demo/results.json]
+Each script can also be run alone; the figures are from one run on one machine, never from CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = {
+    "model_size": ["model_size.py"],
+    "train_step": ["train_step.py"],
+    "embed_throughput": ["embed_throughput.py"],
+    "padding": ["padding.py"],
+    "search": ["search.py"],
+}
+
+
+def demo_stages(path: Path) -> str:
+    if not path.is_file():
+        return f"(no demo results at {path}: run `speechclip demo` first)"
+    results = json.loads(path.read_text())
+    rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in results["stage_seconds"].items())
+    corpus = results["corpus"]["build_seconds"]
+    return (f"| stage | seconds |\n|---|---|\n{rows}\n| total (this run) | {results['total_seconds']:.1f} |\n\n"
+            f"Corpus build time when it was made: {corpus:.1f} s (a re-run reuses it).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip", action="append", default=[])
+    parser.add_argument("--demo-results", default="runs/demo/results.json")
+    args = parser.parse_args()
+    sections = [f"# Benchmark results\n\nWritten by `python benchmarks/run_all.py` on "
+                f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+                "Ratios are measured side by side in the same run.\n"]
+    for name, script in SCRIPTS.items():
+        if name in args.skip:
+            continue
+        command = [sys.executable, str(HERE / script[0]), *script[1:]]
+        print(f"running {name} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent)
+        body = done.stdout.strip() if done.returncode == 0 else f"FAILED ({done.returncode}):\n{done.stderr[-2000:]}"
+        sections.append(f"## {name}\n\n`python benchmarks/{script[0]}`\n\n```\n{body}\n```\n")
+        print(body, flush=True)
+    sections.append(f"## demo stages\n\n`speechclip demo` (figures from {args.demo_results})\n\n{demo_stages(Path(args.demo_results))}\n")
+    (HERE / "RESULTS.md").write_text("\n".join(sections))
+    print(f"written: {HERE / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
