@@ -40,12 +40,16 @@ def main() -> None:
     def ours():
         model.encode_speech(waves, batch_size=args.batch)
 
-    results = {}
-    for name, function in (("bare HF upstream forward", bare), ("encode_speech", ours)):
-        function() if name == "encode_speech" else None  # warm-up of the first
-        started = time.perf_counter()
+    functions = {"bare HF upstream forward": bare, "encode_speech": ours}
+    for function in functions.values():  # warm-up: first calls allocate and pick kernels
         function()
-        results[name] = len(waves) / (time.perf_counter() - started)
+    best = {name: float("inf") for name in functions}
+    for _ in range(2):  # alternate, keep each one's best pass
+        for name, function in functions.items():
+            started = time.perf_counter()
+            function()
+            best[name] = min(best[name], time.perf_counter() - started)
+    results = {name: len(waves) / seconds for name, seconds in best.items()}
     ratio = results["encode_speech"] / results["bare HF upstream forward"]
     print(f"speech embedding throughput, HuBERT Base architecture, {len(waves)} clips, batch {args.batch}, "
           f"{torch.get_num_threads()} threads")
