@@ -19,6 +19,7 @@ from .audio import AudioInput, pad_batch, to_waveform
 from .branches import CascadedBranch, HybridBranch, KeywordOutput, ParallelBranch
 from .clip import FrozenCLIP
 from .config import ConfigError, SpeechCLIPConfig
+from .images import load_image
 from .upstream import SpeechUpstream, WeightedLayerSum
 
 CONFIG_NAME = "config.json"
@@ -126,8 +127,6 @@ class SpeechCLIP(nn.Module):
     @torch.no_grad()
     def encode_image(self, images: Sequence[Image.Image | str | Path], normalize: bool = True) -> torch.Tensor:
         """PIL images or image paths -> (N, D_clip)."""
-        from .images import load_image
-
         pil = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
         embeds = self.clip.image_features(self.clip.preprocess_images(pil))
         return nn.functional.normalize(embeds, dim=-1) if normalize else embeds

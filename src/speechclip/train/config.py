@@ -47,7 +47,7 @@ class TrainConfig:
     seed: int = 7
     keyword_vocab_size: int | None = None  # cascaded: keep the N most frequent caption subwords (None = all seen)
     image_cache: bool = True  # False = run the CLIP image tower every step (benchmarks only)
-    cache_upstream_states: bool = False  # keep frozen-upstream states in memory after epoch 1 (small data only)
+    cache_upstream_states: bool = False  # run the frozen upstream once per clip, keep its states in memory (small data only)
     cache_dir: str = ".cache/speechclip"
     length_bucket: int = 50  # batches are formed from pools of length_bucket * batch_size similar-length clips
     eval_batch_size: int = 32
