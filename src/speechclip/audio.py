@@ -6,7 +6,7 @@ Every failure raises `AudioError` naming the file, so a long data pass says whic
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import soundfile
@@ -26,14 +26,19 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, allow_silence: 
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
+    return decode_audio(str(path), str(path), sample_rate, allow_silence)
+
+
+def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RATE, allow_silence: bool = True) -> np.ndarray:
+    """Decode a file path or file-like object (an upload) the same way: mono, resampled, checked."""
     try:
-        samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        samples, file_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.LibsndfileError) as error:
-        raise AudioError(f"{path}: unreadable audio ({error})") from error
+        raise AudioError(f"{name}: unreadable audio ({error})") from error
     samples = samples.mean(axis=1)
     if file_rate != sample_rate and samples.size:
         samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
-    return check_waveform(samples, str(path), allow_silence)
+    return check_waveform(samples, name, allow_silence)
 
 
 def check_waveform(samples: np.ndarray, name: str, allow_silence: bool = True) -> np.ndarray:

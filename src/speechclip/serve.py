@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import soundfile
-import soxr
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile  # the [serve] extra
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
-from .audio import SAMPLE_RATE, AudioError, check_waveform
+from .audio import AudioError, decode_audio
 from .index import EmbeddingIndex
 from .model import SpeechCLIP
 
@@ -38,14 +36,7 @@ document.getElementById('f').onsubmit = async (e) => {
 
 def read_upload(data: bytes, name: str) -> np.ndarray:
     """Uploaded audio bytes -> float32 16 kHz mono, with the same errors as files on disk."""
-    try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as error:
-        raise AudioError(f"{name}: unreadable audio ({error})") from error
-    samples = samples.mean(axis=1)
-    if rate != SAMPLE_RATE and samples.size:
-        samples = soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32)
-    return check_waveform(samples, name)
+    return decode_audio(io.BytesIO(data), name)
 
 
 class Texts(BaseModel):
