@@ -88,9 +88,13 @@ def save_mini_clip(folder: str | Path, tokenizer: CLIPTokenizer, config: CLIPCon
     model = model or CLIPModel(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    size = config.vision_config.image_size
-    CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    mini_image_processor(config.vision_config.image_size).save_pretrained(folder)
     return folder
+
+
+def mini_image_processor(size: int) -> CLIPImageProcessorPil:
+    """CLIP's own preprocessing (resize, centre crop, CLIP mean/std) at the mini ViT's resolution."""
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def mini_speech_config(kind: str = "hubert", width: int = 64, layers: int = 2, heads: int = 4, conv_dim: int | tuple = 64,

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from transformers import CLIPModel
 
 from ..images import load_image
-from ..mini_encoders import mini_clip_config, save_mini_clip, train_clip_tokenizer
+from ..mini_encoders import mini_clip_config, mini_image_processor, save_mini_clip, train_clip_tokenizer
 
 
 @dataclass
@@ -37,16 +37,12 @@ class MiniCLIPSpec:
     seed: int = 0
 
 
-def _pixels(paths: Sequence[Path], image_size: int) -> torch.Tensor:
-    """All images once, as CLIP-normalised tensors (same mean/std as CLIPImageProcessor)."""
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-    out = torch.empty(len(paths), 3, image_size, image_size)
-    for row, path in enumerate(paths):
-        image = load_image(path).resize((image_size, image_size))
-        out[row] = (torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
-                    .permute(2, 0, 1).float() / 255 - mean) / std
-    return out
+def _pixels(paths: Sequence[Path], image_size: int, batch: int = 256) -> torch.Tensor:
+    """All images once, preprocessed exactly as the saved folder's image processor will at inference."""
+    processor = mini_image_processor(image_size)
+    chunks = [processor(images=[load_image(p) for p in paths[s : s + batch]], return_tensors="pt")["pixel_values"]
+              for s in range(0, len(paths), batch)]
+    return torch.cat(chunks)
 
 
 def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec: MiniCLIPSpec = MiniCLIPSpec(),
