@@ -47,10 +47,8 @@ def _branch_embeds(outputs: list[SpeechOutput], branch: str) -> torch.Tensor | N
 
 
 def _keywords(model: SpeechCLIP, outputs: list[SpeechOutput], transcripts: list[str]) -> dict:
-    shown = model.config.cascaded.keywords_shown
-    vocab_ids = model.head.keywords.quantizer.vocab_ids
-    vocab = set(vocab_ids.tolist())
-    top = [vocab_ids[o.cascaded.similarity[0].topk(shown, dim=-1).indices].tolist() for o in outputs]
+    vocab = set(model.head.keywords.quantizer.vocab_ids.tolist())
+    top = [model.nearest_subwords(o)[0][0] for o in outputs]
     tokens = [set(ids) & vocab for ids in model.clip.tokenize(transcripts)["input_ids"].tolist()]
     metrics = keyword_hit_rate(top, tokens, len(vocab))
     metrics["examples"] = [

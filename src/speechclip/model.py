@@ -142,16 +142,18 @@ class SpeechCLIP(nn.Module):
         """For each clip, each of the K keyword slots: its `top_k` nearest CLIP subwords with cosine scores."""
         if not self.config.uses_cascaded:
             raise ValueError("keywords() needs a cascaded or hybrid model; this one is parallel")
-        top_k = top_k or self.config.cascaded.keywords_shown
-        vocab_ids = self.head.keywords.quantizer.vocab_ids
         result = []
         for output in self.speech_outputs(audio):
-            scores, positions = output.cascaded.similarity[0].topk(min(top_k, len(vocab_ids)), dim=-1)
-            result.append([
-                [(self.subword(int(vocab_ids[p])), float(s)) for p, s in zip(pos_row, score_row)]
-                for pos_row, score_row in zip(positions, scores)
-            ])
+            ids, scores = self.nearest_subwords(output, top_k)
+            result.append([[(self.subword(t), s) for t, s in zip(i, c)] for i, c in zip(ids[0], scores[0])])
         return result
+
+    def nearest_subwords(self, output: SpeechOutput, top_k: int | None = None) -> tuple[list, list]:
+        """(B, K, top_k) CLIP token ids and cosine scores of each keyword slot's nearest subwords."""
+        top_k = top_k or self.config.cascaded.keywords_shown
+        vocab_ids = self.head.keywords.quantizer.vocab_ids
+        scores, positions = output.cascaded.similarity.topk(min(top_k, len(vocab_ids)), dim=-1)
+        return vocab_ids[positions].tolist(), scores.tolist()
 
     def subword(self, token_id: int) -> str:
         """A CLIP token id as readable text (byte-level symbols decoded, the end-of-word marker dropped)."""
