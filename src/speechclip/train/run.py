@@ -17,8 +17,10 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ..data import read_dataset
 from ..evaluate import evaluate
+from ..clip import FrozenCLIP
 from ..image_cache import ImageEmbeddingCache
 from ..model import SpeechCLIP
+from ..upstream import SpeechUpstream
 from .config import RunConfig, run_config_from_dict
 from .datamodule import SpeechImageDataModule
 from .system import SpeechCLIPSystem
@@ -66,13 +68,14 @@ def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: 
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     started = time.perf_counter()
-    model = SpeechCLIP(config.model)
-    datamodule = SpeechImageDataModule(config.data, config.train, model.clip, model.upstream)
+    upstream = SpeechUpstream(config.model.upstream, config.model.normalize_waveform)
+    clip = FrozenCLIP(config.model.clip)
+    datamodule = SpeechImageDataModule(config.data, config.train, clip, upstream)
     if config.model.uses_cascaded and config.model.cascaded.keyword_vocab is None:
         captions = [i.text for i in datamodule.read("train") if i.text]
-        if captions:
-            config.model.cascaded.keyword_vocab = keyword_vocab(model.clip, captions, config.train.keyword_vocab_size)
-            model = SpeechCLIP(config.model, upstream=model.upstream, clip=model.clip)
+        if captions:  # the vocabulary is part of the model's config: known before the model is built
+            config.model.cascaded.keyword_vocab = keyword_vocab(clip, captions, config.train.keyword_vocab_size)
+    model = SpeechCLIP(config.model, upstream=upstream, clip=clip)
     (run_dir / "run.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     datamodule.setup("fit")
     system = SpeechCLIPSystem(model, config.train, export_dir=run_dir)
