@@ -78,8 +78,7 @@ class SpeechUpstream(nn.Module):
     def _states_per_length(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         frames = int(self.frame_lengths(lengths.max()))
         states = None
-        for length in lengths.unique().tolist():
-            rows = (lengths == length).nonzero().flatten()
+        for length, rows in _rows_by_length(lengths):
             output = self.model(waves[rows, :length], output_hidden_states=True)
             group = torch.stack(output.hidden_states)
             if states is None:
@@ -96,15 +95,19 @@ class SpeechUpstream(nn.Module):
             if lengths is None or bool((lengths == input_values.shape[1]).all()):
                 return batched_forward(input_values)
             pieces: list[torch.Tensor | None] = [None] * len(lengths)
-            for length in lengths.unique().tolist():
-                rows = (lengths == length).nonzero().flatten().tolist()
+            for length, rows in _rows_by_length(lengths):
                 features = batched_forward(input_values[rows, :length])
-                for row, feature in zip(rows, features):
+                for row, feature in zip(rows.tolist(), features):
                     pieces[row] = feature
             width = max(p.shape[-1] for p in pieces)
             return torch.stack([F.pad(p, (0, width - p.shape[-1])) for p in pieces])
 
         encoder.forward = forward
+
+
+def _rows_by_length(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """Each distinct clip length with the batch rows that have it (the unit of exact batching)."""
+    return [(length, (lengths == length).nonzero().flatten()) for length in lengths.unique().tolist()]
 
 
 def _normalize(waves: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
