@@ -41,6 +41,30 @@ def _prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tenso
     return sequence, ~keep
 
 
+def _encode_queries(encoder: nn.TransformerEncoder, sequence: torch.Tensor, padding: torch.Tensor, queries: int) -> torch.Tensor:
+    """Run `encoder` over `sequence` and return the states of its first `queries` tokens.
+
+    Only those tokens are read out, so the last layer computes attention and FFN for them alone: the
+    same values as the full layer (each token's output depends on the others only through keys and
+    values), at a fraction of the cost when frames outnumber queries a hundredfold.
+    """
+    *lower, last = encoder.layers
+    for layer in lower:
+        sequence = layer(sequence, src_key_padding_mask=padding)
+    query = sequence[:, :queries]
+
+    def attend(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        out = last.self_attn(x, memory, memory, key_padding_mask=padding, need_weights=False)[0]
+        return last.dropout1(out)
+
+    if last.norm_first:
+        memory = last.norm1(sequence)
+        query = query + attend(memory[:, :queries], memory)
+        return query + last._ff_block(last.norm2(query))
+    query = last.norm1(query + attend(query, sequence))
+    return last.norm2(query + last._ff_block(query))
+
+
 class ParallelBranch(nn.Module):
     """[CLS] + frames -> Transformer encoder -> CLS state -> Linear -> (B, D_clip)."""
 
@@ -52,7 +76,7 @@ class ParallelBranch(nn.Module):
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         sequence, padding = _prepend(self.cls, frames, frame_mask)
-        return self.projection(self.encoder(sequence, src_key_padding_mask=padding)[:, 0])
+        return self.projection(_encode_queries(self.encoder, sequence, padding, 1)[:, 0])
 
 
 class KeywordQuantizer(nn.Module):
@@ -116,9 +140,9 @@ class CascadedBranch(nn.Module):
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP) -> KeywordOutput:
         sequence, padding = _prepend(self.cls, frames, frame_mask)
-        attended, _ = self.attention(sequence, sequence, sequence, key_padding_mask=padding, need_weights=False)
-        states = self.norm(sequence + attended)[:, : self.cls.shape[0]]
-        return self.keywords(states, clip)
+        queries = sequence[:, : self.cls.shape[0]]  # only the keyword tokens are read out
+        attended, _ = self.attention(queries, sequence, sequence, key_padding_mask=padding, need_weights=False)
+        return self.keywords(self.norm(queries + attended), clip)
 
 
 class HybridBranch(nn.Module):
@@ -134,5 +158,5 @@ class HybridBranch(nn.Module):
 
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP) -> tuple[torch.Tensor, KeywordOutput]:
         sequence, padding = _prepend(self.cls, frames, frame_mask)
-        states = self.encoder(sequence, src_key_padding_mask=padding)
+        states = _encode_queries(self.encoder, sequence, padding, self.cls.shape[0])
         return self.projection(states[:, 0]), self.keywords(states[:, 1 : self.cls.shape[0]], clip)
