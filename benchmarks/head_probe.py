@@ -26,12 +26,13 @@ from speechclip.audio import load_audio
 from speechclip.branches import ParallelBranch
 from speechclip.clip import FrozenCLIP
 from speechclip.config import ParallelConfig
-from speechclip.data import read_dataset
+from speechclip.data import image_table, read_dataset
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.loss import contrastive_loss
 from speechclip.metrics import speech_image_retrieval
 from speechclip.pretrain.mini_hubert import MFCC
 from speechclip.train.state_cache import pad_states, upstream_states
+from speechclip.train.system import warmup_then_linear_decay
 from speechclip.upstream import SpeechUpstream, WeightedLayerSum
 
 
@@ -99,16 +100,13 @@ def main() -> None:
     splits = {}
     for split in ("train", "test"):
         items = read_dataset("manifest", str(args.run / "corpus"), split)
-        image_ids = list(dict.fromkeys(i.image_id for i in items))
-        first = {image_id: next(i.image for i in items if i.image_id == image_id) for image_id in image_ids}
-        index = torch.tensor([image_ids.index(i.image_id) for i in items])
-        splits[split] = (frames_of(args.source, items, args.run, clip), cache.embeddings([first[i] for i in image_ids]), index)
+        table = image_table(items)
+        splits[split] = (frames_of(args.source, items, args.run, clip), cache.embeddings(table.paths), torch.tensor(table.caption_rows))
     clips, images, index = splits["train"]
     probe = Probe(clips[0].shape[0], clips[0].shape[2], clip.embed_dim, args)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
     warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(1e-3, 1 - (s - warmup) / max(1, args.steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_then_linear_decay(s, warmup, args.steps, 1e-3))
     lengths = torch.tensor([c.shape[1] for c in clips])
     generator = torch.Generator().manual_seed(0)
     scale = torch.tensor(1 / 0.07)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +133,13 @@ def test_check_items_raise_or_skip(tmp_path):
     assert reasons["junk.wav"].startswith("unreadable") and reasons["gone.wav"] == "missing audio"
     assert reasons["nothere.png"] == "missing image"
     assert "4 skipped" in report.summary()
+
+
+def test_image_table_lists_each_image_once_in_first_seen_order():
+    from speechclip.data import SpokenCaption, image_table
+
+    items = [SpokenCaption(Path(f"{n}.wav"), Path(f"{image}.png"), image) for n, image in enumerate("babca")]
+    table = image_table(items)
+    assert table.ids == ["b", "a", "c"]
+    assert table.paths == [Path("b.png"), Path("a.png"), Path("c.png")]
+    assert table.caption_rows == [0, 1, 0, 2, 1]

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from .data.items import SpokenCaption
+from .data.items import SpokenCaption, image_table
 from .image_cache import ImageEmbeddingCache
 from .metrics import keyword_hit_rate, speech_image_retrieval, speech_text_retrieval
 from .model import SpeechCLIP, SpeechOutput
@@ -15,16 +15,12 @@ from .model import SpeechCLIP, SpeechOutput
 def evaluate(model: SpeechCLIP, items: Sequence[SpokenCaption], cache: ImageEmbeddingCache, batch_size: int = 32) -> dict:
     """Metrics for every branch the model has (`parallel`, `cascaded`), each with chance levels."""
     outputs = model.speech_outputs([item.audio for item in items], batch_size=batch_size)
-    image_ids = list(dict.fromkeys(item.image_id for item in items))
-    first_path = {}
-    for item in items:
-        first_path.setdefault(item.image_id, item.image)
-    images = cache.embeddings([first_path[i] for i in image_ids])
-    row = {image_id: n for n, image_id in enumerate(image_ids)}
-    caption_image = torch.tensor([row[item.image_id] for item in items])
+    table = image_table(items)
+    images = cache.embeddings(table.paths)
+    caption_image = torch.tensor(table.caption_rows)
     transcripts = [item.text for item in items]
     texts = model.encode_text(transcripts) if all(transcripts) else None
-    result = {"captions": len(items), "images": len(image_ids)}
+    result = {"captions": len(items), "images": len(table.ids)}
     for branch in ("parallel", "cascaded"):
         embeds = _branch_embeds(outputs, branch)
         if embeds is None:

@@ -1,11 +1,11 @@
 """Dataset readers: Flickr8k Audio, SpokenCOCO, generic manifests, and the offline corpus."""
 
 from .flickr8k import read_flickr8k
-from .items import CheckReport, DataError, SpokenCaption, by_image, check_items
+from .items import CheckReport, DataError, ImageTable, SpokenCaption, by_image, check_items, image_table
 from .manifest import read_manifest, write_manifest
 from .spokencoco import read_spokencoco
 
-__all__ = ["CheckReport", "DataError", "SpokenCaption", "by_image", "check_items", "read_dataset",
+__all__ = ["CheckReport", "DataError", "ImageTable", "SpokenCaption", "by_image", "check_items", "image_table", "read_dataset",
            "read_flickr8k", "read_manifest", "read_spokencoco", "write_manifest"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import soundfile
 
@@ -69,6 +69,25 @@ def _problem(item: SpokenCaption) -> tuple[str, str] | None:
     if frames == 0:
         return str(item.audio), "empty audio"
     return None
+
+
+@dataclass
+class ImageTable:
+    """The distinct images of a caption list, in first-seen order: what retrieval ranks against."""
+
+    ids: list[str]
+    paths: list[Path]
+    caption_rows: list[int]  # per caption, the row of its image in `ids` / `paths`
+
+
+def image_table(items: Sequence[SpokenCaption]) -> ImageTable:
+    rows: dict[str, int] = {}
+    paths: list[Path] = []
+    for item in items:
+        if item.image_id not in rows:
+            rows[item.image_id] = len(paths)
+            paths.append(item.image)
+    return ImageTable(list(rows), paths, [rows[item.image_id] for item in items])
 
 
 def by_image(items: Iterable[SpokenCaption]) -> dict[str, list[SpokenCaption]]:

@@ -21,7 +21,7 @@ import torch
 
 from ..audio import load_audio
 from ..clip import FrozenCLIP
-from ..data import read_dataset
+from ..data import image_table, read_dataset
 from ..data.synthetic import CorpusSpec, build_corpus
 from ..evaluate import evaluate
 from ..image_cache import ImageEmbeddingCache
@@ -171,12 +171,11 @@ def _evaluate(out: Path, corpus_dir: Path, clip_dir: Path) -> dict:
         cache = ImageEmbeddingCache(out / "cache", model.clip)
         results[name] = evaluate(model, test, cache)
     clip = FrozenCLIP(str(clip_dir))
-    image_ids = list(dict.fromkeys(i.image_id for i in test))
-    path = {i.image_id: i.image for i in test}
-    images = ImageEmbeddingCache(out / "cache", clip).embeddings([path[i] for i in image_ids])
+    table = image_table(test)
+    images = ImageEmbeddingCache(out / "cache", clip).embeddings(table.paths)
     tokens = clip.tokenize([i.text for i in test])
     texts = clip.text_features(tokens["input_ids"], tokens["attention_mask"])
-    relevant = torch.tensor([[i.image_id == j for j in image_ids] for i in test])
+    relevant = torch.tensor(table.caption_rows)[:, None] == torch.arange(len(table.ids))[None, :]
     results["clip_text_to_image"] = recall_at_k(texts, images, relevant)
-    results["test"] = {"captions": len(test), "images": len(image_ids), "speakers": len({i.speaker for i in test})}
+    results["test"] = {"captions": len(test), "images": len(table.ids), "speakers": len({i.speaker for i in test})}
     return results

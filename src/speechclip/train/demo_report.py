@@ -93,25 +93,24 @@ def _retrieval_grid(out: Path, folder: Path, queries: int = 5) -> None:
     """Spoken queries (their transcripts as labels) -> top-5 test images; the true image framed green."""
     import matplotlib.pyplot as plt
 
-    from ..data import read_dataset
+    from ..data import image_table, read_dataset
     from ..images import load_image
     from ..model import SpeechCLIP
 
     test = read_dataset("manifest", str(out / "corpus"), "test")
     model = SpeechCLIP.from_pretrained(out / "runs" / "pretrained" / "final")
-    image_ids = list(dict.fromkeys(i.image_id for i in test))
-    path = {i.image_id: i.image for i in test}
-    images = model.encode_image([path[i] for i in image_ids])
+    table = image_table(test)
+    images = model.encode_image(table.paths)
     chosen = test[:: max(1, len(test) // queries)][:queries]
     speech = model.encode_speech([i.audio for i in chosen])
-    top = (speech @ images.T).topk(min(5, len(image_ids)), dim=1).indices
+    top = (speech @ images.T).topk(min(5, len(table.ids)), dim=1).indices
     figure, axes = plt.subplots(len(chosen), top.shape[1], figsize=(2 * top.shape[1], 2.1 * len(chosen)), squeeze=False)
     for row, (item, ranked) in enumerate(zip(chosen, top.tolist())):
         for col, index in enumerate(ranked):
             axis = axes[row][col]
-            axis.imshow(load_image(path[image_ids[index]]))
+            axis.imshow(load_image(table.paths[index]))
             axis.set_xticks([]), axis.set_yticks([])
-            hit = image_ids[index] == item.image_id
+            hit = table.ids[index] == item.image_id
             for spine in axis.spines.values():
                 spine.set(color="green" if hit else "lightgray", linewidth=4 if hit else 1)
         axes[row][0].set_title(f"spoken: \"{item.text}\"", fontsize=8, loc="left")
