@@ -35,6 +35,12 @@ def test_build_corpus_splits_by_image_and_speaker(tmp_path):
     assert not speakers["train"] & speakers["test"] and summary["test_speakers_in_train"] == 0
     assert sum(len(v) for v in splits.values()) == sum(s["captions"] for s in summary["splits"].values())
     assert any(i.image_id.startswith("clipart") for v in splits.values() for i in v)
+    # training captions are spoken by `train_voices` different training speakers; val and test by one
+    voices = {}
+    for i in splits["train"]:
+        voices.setdefault((i.image_id, i.text), []).append(i.speaker)
+    assert {len(v) for v in voices.values()} == {SPEC.train_voices} and all(len(set(v)) == len(v) for v in voices.values())
+    assert len(splits["test"]) == len({(i.image_id, i.text) for i in splits["test"]})
     item = splits["test"][0]
     info = soundfile.info(str(item.audio))
     assert info.samplerate == 16000 and info.channels == 1 and info.duration > 0.3

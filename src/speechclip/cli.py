@@ -33,7 +33,7 @@ def cmd_data_build(args) -> None:
     from .data.synthetic import CorpusSpec, build_corpus
 
     spec = CorpusSpec(num_scenes=args.scenes, num_clipart=args.clipart, captions_per_image=args.captions,
-                      val_images=args.val_images, test_images=args.test_images, seed=args.seed)
+                      train_voices=args.train_voices, val_images=args.val_images, test_images=args.test_images, seed=args.seed)
     print(json.dumps(build_corpus(args.out, spec, workers=args.workers), indent=2))
 
 
@@ -146,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--scenes", type=int, default=1500)
     build.add_argument("--clipart", type=int, default=400)
     build.add_argument("--captions", type=int, default=3)
+    build.add_argument("--train-voices", type=int, default=2, help="training speakers per training caption")
     build.add_argument("--val-images", type=int, default=100)
     build.add_argument("--test-images", type=int, default=200)
     build.add_argument("--seed", type=int, default=0)

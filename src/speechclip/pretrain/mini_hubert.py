@@ -35,12 +35,14 @@ class MiniHubertSpec:
     heads: int = 4
     conv_dims: tuple[int, ...] = (32, 32, 64, 64, 128, 128, 128)  # cheap early layers: they run at 1.6-3.2 kHz
     clusters: int = 100  # k-means targets (HuBERT iteration 1 uses 100 on MFCC)
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 16
     crop_samples: int = 32000  # 2 s random windows
     mask_prob: float = 0.65  # HuBERT: p=0.08 span starts x span 10 ~ half the frames masked
     mask_length: int = 5
     lr: float = 3e-3  # a 4-layer model learns faster at 3e-3 than at 1e-3 (masked accuracy 23.6% vs 20.9% after 1,100 steps)
+    dropout: float = 0.0  # a few minutes of training under-fit: dropout only slows it (and bernoulli costs 13% of a CPU step)
+    bf16: bool = True  # bf16 autocast where the CPU has bf16 units (1.4x faster steps); weights stay fp32
     seed: int = 0
 
 
@@ -71,6 +73,12 @@ def _delta(x: torch.Tensor) -> torch.Tensor:
     return (padded[3:-1] - padded[1:-3] + 2 * (padded[4:] - padded[:-4])) / 10
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast would emulate them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def cluster_labels(waves: Sequence[torch.Tensor], clusters: int, seed: int = 0) -> list[torch.Tensor]:
     """k-means (faiss) on standardised MFCC frames -> a cluster id per frame of every clip."""
     import faiss
@@ -99,7 +107,8 @@ def pretrain_mini_hubert(waves: Sequence[torch.Tensor], out: str | Path, spec: M
     started = time.perf_counter()
     labels = cluster_labels(waves, spec.clusters, spec.seed)
     config = mini_speech_config("hubert", width=spec.width, layers=spec.layers, heads=spec.heads, group_norm=False,
-                                conv_dim=tuple(spec.conv_dims), mask_time_prob=0.05)  # > 0 creates the mask embedding
+                                conv_dim=tuple(spec.conv_dims), mask_time_prob=0.05,  # > 0 creates the mask embedding
+                                hidden_dropout=spec.dropout, activation_dropout=spec.dropout, attention_dropout=spec.dropout)
     model = HubertModel(config).train()
     head = torch.nn.Linear(spec.width, spec.clusters)
     params = list(model.parameters()) + list(head.parameters())
@@ -107,9 +116,11 @@ def pretrain_mini_hubert(waves: Sequence[torch.Tensor], out: str | Path, spec: M
     warmup = max(1, spec.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / spec.steps))))
     generator = torch.Generator().manual_seed(spec.seed)
+    bf16 = spec.bf16 and cpu_has_fast_bf16()
     losses, accuracies = [], []
     for _ in tqdm(range(spec.steps), desc="mini HuBERT", disable=not progress, unit="step"):
-        loss, accuracy = _step(model, head, waves, labels, spec, generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, accuracy = _step(model, head, waves, labels, spec, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -121,7 +132,7 @@ def pretrain_mini_hubert(waves: Sequence[torch.Tensor], out: str | Path, spec: M
     tail = min(50, len(losses))
     return {"steps": spec.steps, "clips": len(waves), "loss_first": losses[0], "loss_last": sum(losses[-tail:]) / tail,
             "masked_accuracy_last": sum(accuracies[-tail:]) / tail, "chance_accuracy": 1 / spec.clusters,
-            "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
+            "bf16": bf16, "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _step(model: HubertModel, head: torch.nn.Linear, waves, labels, spec: MiniHubertSpec, generator) -> tuple[torch.Tensor, float]:

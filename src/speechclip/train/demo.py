@@ -131,8 +131,8 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
         train_items = read_dataset("manifest", str(corpus_dir), "train")
     encoders = out / "encoders"
     with stage("2a. pre-train mini CLIP"):
-        clip_log = _cached(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(
-            [(i.image, i.text) for i in train_items], encoders / "clip", spec.clip))
+        pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
+        clip_log = _cached(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(pairs, encoders / "clip", spec.clip))
     with stage("2b. pre-train mini HuBERT"):
         hubert_log = _cached(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
             [torch.from_numpy(load_audio(i.audio)) for i in train_items], encoders / "hubert", spec.hubert))
