@@ -14,10 +14,11 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import CLIPModel
+from transformers import AutoModel
 
 from ..images import load_image
 from ..mini_encoders import mini_clip_config, mini_image_processor, save_mini_clip, train_clip_tokenizer
+from .precision import ATTENTION, cpu_autocast, cpu_has_fast_bf16
 
 
 @dataclass
@@ -34,6 +35,7 @@ class MiniCLIPSpec:
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
+    bf16: bool = True  # bf16 autocast where the CPU computes bf16 natively (precision.py)
     seed: int = 0
 
 
@@ -54,7 +56,7 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     tokenizer = train_clip_tokenizer(captions, spec.vocab_size)
     config = mini_clip_config(len(tokenizer), spec.width, spec.layers, spec.heads, spec.image_size, spec.patch_size,
                               spec.projection_dim, spec.max_tokens)
-    model = CLIPModel(config).train()
+    model = AutoModel.from_config(config, attn_implementation=ATTENTION).train()
     images = sorted({p for p, _ in pairs})
     row = {p: i for i, p in enumerate(images)}
     pixels = _pixels(images, spec.image_size)
@@ -64,11 +66,13 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     warmup = max(1, spec.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / spec.steps))))
     generator = torch.Generator().manual_seed(spec.seed)
+    bf16 = spec.bf16 and cpu_has_fast_bf16()
     losses = []
     for step in tqdm(range(spec.steps), desc="mini CLIP", disable=not progress, unit="step"):
         batch = _distinct_image_batch(image_of, spec.batch_size, generator)
-        output = model(input_ids=tokens["input_ids"][batch], attention_mask=tokens["attention_mask"][batch],
-                       pixel_values=pixels[image_of[batch]], return_loss=True)
+        with cpu_autocast(bf16):
+            output = model(input_ids=tokens["input_ids"][batch], attention_mask=tokens["attention_mask"][batch],
+                           pixel_values=pixels[image_of[batch]], return_loss=True)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -79,7 +83,7 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
         losses.append(float(output.loss.detach()))
     save_mini_clip(out, tokenizer, config, model.eval())
     return {"steps": spec.steps, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / min(20, len(losses)),
-            "losses": losses, "seconds": round(time.perf_counter() - started, 1), "pairs": len(pairs), "images": len(images)}
+            "bf16": bf16, "losses": losses, "seconds": round(time.perf_counter() - started, 1), "pairs": len(pairs), "images": len(images)}
 
 
 def _distinct_image_batch(image_of: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

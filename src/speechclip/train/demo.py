@@ -40,7 +40,7 @@ class DemoSpec:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
     hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    speechclip_steps: int = 3000
+    speechclip_steps: int = 3200
     batch_size: int = 64
     lr: float = 1e-3
     num_keywords: int = 6

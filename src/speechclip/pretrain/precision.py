@@ -1,0 +1,24 @@
+"""Mixed precision for the demo's CPU pre-training: bf16 autocast where the CPU computes bf16 natively.
+
+Measured on the project's 2-core AVX512-BF16 machine (one training step, fp32 -> bf16 autocast with eager
+attention): mini HuBERT 238 -> 129 ms, mini CLIP 345-527 -> 140 ms. Eager attention matters under bf16:
+CPU SDPA's flash-attention backward is the slowest kernel of the step there. Weights and optimiser state
+stay fp32; the saved folders are ordinary fp32 checkpoints that load with the default attention kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls run natively (AVX512-BF16 or AMX); elsewhere autocast would emulate them, slower than fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def cpu_autocast(enabled: bool) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+ATTENTION = "eager"  # the attention kernel the pre-training models are built with (see the module note)
