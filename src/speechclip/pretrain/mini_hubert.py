@@ -36,7 +36,7 @@ class MiniHubertSpec:
     heads: int = 4
     conv_dims: tuple[int, ...] = (32, 32, 64, 64, 128, 128, 128)  # cheap early layers: they run at 1.6-3.2 kHz
     clusters: int = 100  # k-means targets (HuBERT iteration 1 uses 100 on MFCC)
-    steps: int = 1600
+    steps: int = 2200
     batch_size: int = 16
     crop_samples: int = 32000  # 2 s random windows
     mask_prob: float = 0.65  # HuBERT: p=0.08 span starts x span 10 ~ half the frames masked

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from ..config import ConfigError, SpeechCLIPConfig, _build
@@ -51,6 +52,13 @@ class TrainConfig:
     cache_dir: str = ".cache/speechclip"
     length_bucket: int = 50  # batches are formed from pools of length_bucket * batch_size similar-length clips
     eval_batch_size: int = 32
+
+    def resolved_precision(self) -> str:
+        """Lightning's precision string: `auto` = 16-mixed on a GPU (reference fp16), 32-true on CPU."""
+        if self.precision != "auto":
+            return self.precision
+        gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+        return "16-mixed" if gpu else "32-true"
 
 
 @dataclass

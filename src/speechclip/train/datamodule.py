@@ -151,9 +151,15 @@ class SpeechImageDataModule(L.LightningDataModule):
         if self.cache is not None:
             self.image_table = self.cache.embeddings(self.image_paths, progress=True)
         if self.train_config.cache_upstream_states:
-            for split in ("train", "val"):
-                self.states[split] = upstream_states(self.upstream, self.items[split], self.lengths[split],
-                                                     self.train_config.eval_batch_size)
+            with self._training_autocast():  # cached states = what the training step's own forward would compute
+                for split in ("train", "val"):
+                    self.states[split] = upstream_states(self.upstream, self.items[split], self.lengths[split],
+                                                         self.train_config.eval_batch_size)
+
+    def _training_autocast(self) -> torch.autocast:
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.train_config.resolved_precision())
+        device = next(self.upstream.model.parameters()).device.type
+        return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         items = self.read(split)

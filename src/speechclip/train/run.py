@@ -37,8 +37,7 @@ def keyword_vocab(model_clip, captions: list[str], size: int | None) -> list[int
 
 def _trainer(config: RunConfig, run_dir: Path, progress: bool) -> L.Trainer:
     train = config.train
-    gpu = train.accelerator in ("gpu", "cuda") or (train.accelerator == "auto" and torch.cuda.is_available())
-    precision = ("16-mixed" if gpu else "32-true") if train.precision == "auto" else train.precision
+    precision = train.resolved_precision()
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=train.checkpoint_every_steps,
                         save_last=True, save_top_k=0),

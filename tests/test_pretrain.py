@@ -1,0 +1,27 @@
+"""Mini-encoder pre-training: both precisions train and save ordinary folders that load with the default
+attention kernel (the eager kernel and bf16 are training-time choices only)."""
+
+import json
+
+import pytest
+import torch
+
+from speechclip.pretrain.mini_hubert import MiniHubertSpec, pretrain_mini_hubert
+from speechclip.pretrain.precision import cpu_has_fast_bf16
+from speechclip.upstream import SpeechUpstream
+
+TINY = dict(width=32, layers=1, heads=2, clusters=4, steps=2, batch_size=2, conv_dims=(8,) * 7, crop_samples=8000)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_mini_hubert_pretrains_in_either_precision_and_loads_back(tmp_path, bf16):
+    torch.manual_seed(0)
+    waves = [torch.randn(12000) * 0.1 for _ in range(3)]
+    log = pretrain_mini_hubert(waves, tmp_path, MiniHubertSpec(**TINY, bf16=bf16), progress=False)
+    assert log["bf16"] == (bf16 and cpu_has_fast_bf16())
+    assert all(torch.isfinite(torch.tensor(log["losses"])))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["hidden_dropout"] == 0.0 and "eager" not in json.dumps(saved)
+    upstream = SpeechUpstream(str(tmp_path)).eval()
+    states, mask = upstream(waves[0][None], torch.tensor([len(waves[0])]))
+    assert states.shape[0] == 2 and torch.isfinite(states).all() and mask.all()
