@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModel
 
 from common import table, timed
-from speechclip.mini_encoders import mini_clip_config, mini_speech_config
+from speechclip.mini_encoders import mini_clip_config
 from speechclip.pretrain.mini_clip import MiniCLIPSpec
-from speechclip.pretrain.mini_hubert import MiniHubertSpec, _step
+from speechclip.pretrain.mini_hubert import MiniHubertSpec, _step, hubert_config
 from speechclip.pretrain.precision import cpu_autocast, cpu_has_fast_bf16
 
 SETTINGS = (("fp32", "sdpa"), ("fp32", "eager"), ("bf16", "sdpa"), ("bf16", "eager"))
@@ -24,9 +24,7 @@ SETTINGS = (("fp32", "sdpa"), ("fp32", "eager"), ("bf16", "sdpa"), ("bf16", "eag
 
 def hubert_step(attention: str, bf16: bool):
     spec = MiniHubertSpec()
-    config = mini_speech_config("hubert", width=spec.width, layers=spec.layers, heads=spec.heads, group_norm=False,
-                                conv_dim=tuple(spec.conv_dims), mask_time_prob=0.05, hidden_dropout=spec.dropout,
-                                activation_dropout=spec.dropout, attention_dropout=spec.dropout)
+    config = hubert_config(spec)
     torch.manual_seed(0)
     model = AutoModel.from_config(config, attn_implementation=attention).train()
     head = torch.nn.Linear(spec.width, spec.clusters)

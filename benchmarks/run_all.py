@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = {
     "model_size": ["model_size.py"],
     "train_step": ["train_step.py"],
+    "pretrain_step": ["pretrain_step.py"],
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],
     "search": ["search.py"],

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModel, HubertModel
+from transformers import AutoModel, HubertConfig, HubertModel
 from transformers.audio_utils import mel_filter_bank
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
@@ -35,6 +35,9 @@ class MiniHubertSpec:
     layers: int = 4
     heads: int = 4
     conv_dims: tuple[int, ...] = (32, 32, 64, 64, 128, 128, 128)  # cheap early layers: they run at 1.6-3.2 kHz
+    # GELU's sigmoid approximation x*sigmoid(1.702x) (OpenAI CLIP's activation) in the conv stack: the exact
+    # GELU's backward on the conv stack's strided activations took a third of a CPU step (130 -> 106 ms)
+    conv_activation: str = "quick_gelu"
     clusters: int = 100  # k-means targets (HuBERT iteration 1 uses 100 on MFCC)
     steps: int = 2200
     batch_size: int = 16
@@ -95,15 +98,22 @@ def cluster_labels(waves: Sequence[torch.Tensor], clusters: int, seed: int = 0) 
     return labels
 
 
+def hubert_config(spec: MiniHubertSpec) -> HubertConfig:
+    """The mini HuBERT's architecture (also the demo's random-upstream control): layer-norm conv stack, so
+    padded batches give each clip the states it has alone."""
+    return mini_speech_config("hubert", width=spec.width, layers=spec.layers, heads=spec.heads, group_norm=False,
+                              conv_dim=tuple(spec.conv_dims), feat_extract_activation=spec.conv_activation,
+                              mask_time_prob=0.05,  # > 0 creates the mask embedding
+                              hidden_dropout=spec.dropout, activation_dropout=spec.dropout, attention_dropout=spec.dropout)
+
+
 def pretrain_mini_hubert(waves: Sequence[torch.Tensor], out: str | Path, spec: MiniHubertSpec = MiniHubertSpec(),
                          progress: bool = True) -> dict:
     """waves: training clips (16 kHz). Writes a HuBERT folder to `out`; returns a log."""
     torch.manual_seed(spec.seed)
     started = time.perf_counter()
     labels = cluster_labels(waves, spec.clusters, spec.seed)
-    config = mini_speech_config("hubert", width=spec.width, layers=spec.layers, heads=spec.heads, group_norm=False,
-                                conv_dim=tuple(spec.conv_dims), mask_time_prob=0.05,  # > 0 creates the mask embedding
-                                hidden_dropout=spec.dropout, activation_dropout=spec.dropout, attention_dropout=spec.dropout)
+    config = hubert_config(spec)
     model = AutoModel.from_config(config, attn_implementation=ATTENTION).train()
     head = torch.nn.Linear(spec.width, spec.clusters)
     params = list(model.parameters()) + list(head.parameters())

@@ -26,10 +26,10 @@ from ..data.synthetic import CorpusSpec, build_corpus
 from ..evaluate import evaluate
 from ..image_cache import ImageEmbeddingCache
 from ..metrics import recall_at_k
-from ..mini_encoders import mini_speech_config, save_mini_speech
+from ..mini_encoders import save_mini_speech
 from ..model import SpeechCLIP
 from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
-from ..pretrain.mini_hubert import MiniHubertSpec, pretrain_mini_hubert
+from ..pretrain.mini_hubert import MiniHubertSpec, hubert_config, pretrain_mini_hubert
 from ..pretrain.precision import cpu_has_fast_bf16
 from .config import run_config_from_dict
 from .demo_report import format_demo_table, write_pictures
@@ -139,9 +139,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
         hubert_log = _cached(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
             [torch.from_numpy(load_audio(i.audio)) for i in train_items], encoders / "hubert", spec.hubert))
         torch.manual_seed(spec.hubert.seed + 1)
-        save_mini_speech(encoders / "hubert-random", mini_speech_config(
-            "hubert", width=spec.hubert.width, layers=spec.hubert.layers, heads=spec.hubert.heads, group_norm=False,
-            conv_dim=tuple(spec.hubert.conv_dims), mask_time_prob=0.05))
+        save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
     runs = {}
     for letter, name, upstream in (("a", "pretrained", encoders / "hubert"), ("b", "random", encoders / "hubert-random")):
         with stage(f"3{letter}. train SpeechCLIP on the {name} upstream"):
