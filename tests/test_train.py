@@ -110,6 +110,27 @@ def test_image_tower_runs_once_per_image(encoders, tiny_corpus, tmp_path, monkey
     assert calls == []
 
 
+def test_cached_states_follow_the_training_precision(encoders, tiny_corpus, tmp_path):
+    from speechclip.clip import FrozenCLIP
+    from speechclip.train.state_cache import upstream_states
+    from speechclip.upstream import SpeechUpstream
+
+    states = {}
+    for precision in ("32-true", "bf16-mixed"):
+        config = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), cache_upstream_states=True, precision=precision)
+        upstream = SpeechUpstream(config.model.upstream).eval()
+        module = SpeechImageDataModule(config.data, config.train, FrozenCLIP(config.model.clip), upstream)
+        module.setup("fit")
+        states[precision] = module.states["train"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = upstream_states(upstream, module.items["train"], module.lengths["train"], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(states["bf16-mixed"], expected))
+    differences = [(a.float() - b.float()).abs().max() for a, b in zip(states["32-true"], states["bf16-mixed"])]
+    assert max(differences) > 0  # the training autocast was applied ...
+    scale = max(a.float().abs().max() for a in states["32-true"])
+    assert max(differences) < 0.1 * scale  # ... and stays a rounding difference
+
+
 def _cli_env():
     return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
 

