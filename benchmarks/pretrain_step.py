@@ -14,8 +14,7 @@ import torch
 from transformers import AutoModel
 
 from common import table, timed
-from speechclip.mini_encoders import mini_clip_config
-from speechclip.pretrain.mini_clip import MiniCLIPSpec
+from speechclip.pretrain.mini_clip import MiniCLIPSpec, clip_config
 from speechclip.pretrain.mini_hubert import MiniHubertSpec, _step, hubert_config
 from speechclip.pretrain.precision import cpu_autocast, cpu_has_fast_bf16
 
@@ -42,8 +41,7 @@ def hubert_step(attention: str, bf16: bool):
 
 def clip_step(attention: str, bf16: bool):
     spec = MiniCLIPSpec()
-    config = mini_clip_config(spec.vocab_size, spec.width, spec.layers, spec.heads, spec.image_size, spec.patch_size,
-                              spec.projection_dim, spec.max_tokens)
+    config = clip_config(spec, spec.vocab_size)
     torch.manual_seed(0)
     model = AutoModel.from_config(config, attn_implementation=attention).train()
     ids = torch.randint(2, spec.vocab_size, (spec.batch_size, spec.max_tokens))

@@ -102,8 +102,9 @@ def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
                  else clipart_captions(source, rng, spec.captions_per_image))
         caps = [(t, rng.choice(pools[split]), out / "audio" / f"{image_id}_{n}.wav") for n, t in enumerate(texts)]
         if split == "train":  # extra voices from their own stream: the rest of the plan is as with one voice
-            caps += [(t, speaker, out / "audio" / f"{image_id}_{n}_v{v}.wav") for n, (t, first, _) in enumerate(list(caps))
-                     for v, speaker in enumerate(_other_speakers(voice_rng, pools["train"], first, spec.train_voices - 1), start=2)]
+            for n, (text, first, _) in enumerate(caps[: len(texts)]):
+                for v, speaker in enumerate(_other_speakers(voice_rng, pools["train"], first, spec.train_voices - 1), start=2):
+                    caps.append((text, speaker, out / "audio" / f"{image_id}_{n}_v{v}.wav"))
         jobs.append(_Job(image_id, out / "images" / f"{image_id}.png", source, caps, split))
     return jobs
 

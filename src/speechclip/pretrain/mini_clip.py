@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModel
+from transformers import AutoModel, CLIPConfig
 
 from ..images import load_image
 from ..mini_encoders import mini_clip_config, mini_image_processor, save_mini_clip, train_clip_tokenizer
@@ -39,6 +39,12 @@ class MiniCLIPSpec:
     seed: int = 0
 
 
+def clip_config(spec: MiniCLIPSpec, vocab_size: int) -> CLIPConfig:
+    """The mini CLIP's architecture for a tokenizer of `vocab_size` entries."""
+    return mini_clip_config(vocab_size, spec.width, spec.layers, spec.heads, spec.image_size, spec.patch_size,
+                            spec.projection_dim, spec.max_tokens)
+
+
 def _pixels(paths: Sequence[Path], image_size: int, batch: int = 256) -> torch.Tensor:
     """All images once, preprocessed exactly as the saved folder's image processor will at inference."""
     processor = mini_image_processor(image_size)
@@ -54,8 +60,7 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     started = time.perf_counter()
     captions = [c for _, c in pairs]
     tokenizer = train_clip_tokenizer(captions, spec.vocab_size)
-    config = mini_clip_config(len(tokenizer), spec.width, spec.layers, spec.heads, spec.image_size, spec.patch_size,
-                              spec.projection_dim, spec.max_tokens)
+    config = clip_config(spec, len(tokenizer))
     model = AutoModel.from_config(config, attn_implementation=ATTENTION).train()
     images = sorted({p for p, _ in pairs})
     row = {p: i for i, p in enumerate(images)}

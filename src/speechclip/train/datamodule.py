@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..audio import AudioError, crop, load_audio, pad_batch
 from ..clip import FrozenCLIP
-from ..data import SpokenCaption, check_items, read_dataset
+from ..data import SpokenCaption, check_items, image_table, read_dataset
 from ..image_cache import ImageEmbeddingCache
 from ..images import load_image
 from ..upstream import SpeechUpstream
@@ -141,13 +141,9 @@ class SpeechImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.image_paths:
             return
-        splits = [self.read("train"), self.read("val")]
-        rows: dict[str, int] = {}
-        for item in (i for split in splits for i in split):
-            if item.image_id not in rows:
-                rows[item.image_id] = len(rows)
-                self.image_paths.append(item.image)
-        self.image_row = rows
+        images = image_table(self.read("train") + self.read("val"))
+        self.image_paths = images.paths
+        self.image_row = {image_id: row for row, image_id in enumerate(images.ids)}
         if self.cache is not None:
             self.image_table = self.cache.embeddings(self.image_paths, progress=True)
         if self.train_config.cache_upstream_states:
