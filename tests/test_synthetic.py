@@ -2,6 +2,7 @@ import json
 import random
 
 import soundfile
+from PIL import Image
 
 from speechclip.data import read_dataset
 from speechclip.data.clipart import find_drawings
@@ -60,3 +61,18 @@ def test_build_is_deterministic_and_reuses_files(tmp_path):
     build_corpus(tmp_path / "a", SPEC, progress=False)
     assert wav.is_file() and untouched.stat().st_mtime_ns == stamp
     assert first["splits"] == second["splits"]
+
+
+def test_a_changed_spec_never_reuses_a_stale_file(tmp_path):
+    from dataclasses import replace
+
+    build_corpus(tmp_path, SPEC, progress=False)
+    changed = replace(SPEC, train_voices=3, image_size=40)
+    summary = build_corpus(tmp_path, changed, progress=False)
+    items = [i for s in ("train", "val", "test") for i in read_dataset("manifest", str(tmp_path), s)]
+    # every clip and picture on disk is one the new manifests name (the old ones were made for another spec)
+    assert sorted((tmp_path / "audio").iterdir()) == sorted({i.audio for i in items})
+    assert sorted((tmp_path / "images").iterdir()) == sorted({i.image for i in items})
+    assert {Image.open(i.image).size for i in items} == {(40, 40)}
+    train = read_dataset("manifest", str(tmp_path), "train")
+    assert summary["splits"]["train"]["captions"] == len(train) == 3 * len({(i.image_id, i.text) for i in train})

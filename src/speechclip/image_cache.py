@@ -2,18 +2,21 @@
 
 The image tower is frozen, so an image's embedding never changes for a given CLIP: every epoch,
 validation and evaluation reads it from here. Keyed by CLIP model and by image (path, size, mtime),
-so an edited image is embedded again.
+so an edited image is embedded again. The keys travel in the safetensors metadata and the file is
+replaced atomically, so processes sharing a cache folder (the demo's two runs) never read a torn one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .clip import FrozenCLIP
@@ -38,19 +41,21 @@ class ImageEmbeddingCache:
         self._load()
 
     def _load(self) -> None:
-        index, weights = self.folder / "index.json", self.folder / "embeddings.safetensors"
-        if index.is_file() and weights.is_file():
-            self._keys = json.loads(index.read_text())
-            self._table = load_file(str(weights))["embeddings"]
-            self._rows = {k: i for i, k in enumerate(self._keys)}
+        weights = self.folder / "embeddings.safetensors"
+        if weights.is_file():
+            with safe_open(str(weights), framework="pt") as file:
+                keys = json.loads((file.metadata() or {}).get("keys", "[]"))
+                table = file.get_tensor("embeddings")
+            if len(keys) == len(table):  # an older cache without keys is simply rebuilt
+                self._keys, self._table = keys, table
+                self._rows = {k: i for i, k in enumerate(keys)}
 
     def _save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "clip.txt").write_text(str(self.clip.name_or_path) + "\n")
-        tmp = self.folder / "embeddings.tmp.safetensors"
-        save_file({"embeddings": self._table.contiguous()}, str(tmp))
+        tmp = self.folder / f"embeddings.{os.getpid()}.tmp"
+        save_file({"embeddings": self._table.contiguous()}, str(tmp), metadata={"keys": json.dumps(self._keys)})
         tmp.replace(self.folder / "embeddings.safetensors")
-        (self.folder / "index.json").write_text(json.dumps(self._keys))
 
     def embeddings(self, paths: Sequence[str | Path], progress: bool = False) -> torch.Tensor:
         """(len(paths), D_clip) unnormalised image embeddings, embedding only the images not yet cached."""

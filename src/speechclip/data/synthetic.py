@@ -2,11 +2,13 @@
 
 Splits are by image; validation and test speakers never speak in training. Deterministic for a seed,
 parallel across cores, and re-running reuses every file already there (and returns at once when the
-whole corpus is complete).
+whole corpus is complete). Files are named by what they hold (a hash of the caption and speaker, or of the
+picture and its size): an interrupted build resumes, and a changed spec never reuses a stale file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -76,6 +78,10 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
         speech = [caption for job in jobs for caption in job.captions]
         list(tqdm(pool.map(_make_speech, speech), total=len(speech), desc="corpus speech",
                   disable=not progress, unit="clip"))
+    planned = {job.image for job in jobs} | {path for job in jobs for _, _, path in job.captions}
+    for stale in [*(out / "images").glob("*.png"), *(out / "audio").glob("*.wav")]:
+        if stale not in planned:  # made for another spec
+            stale.unlink()
     summary = _write(out, jobs, spec, time.perf_counter() - started)
     summary["skipped_drawings"] = skipped
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -100,13 +106,19 @@ def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
         split = "test" if index < spec.test_images else "val" if index < spec.test_images + spec.val_images else "train"
         texts = (scene_captions(source, rng, spec.captions_per_image) if image_id.startswith("scene")
                  else clipart_captions(source, rng, spec.captions_per_image))
-        caps = [(t, rng.choice(pools[split]), out / "audio" / f"{image_id}_{n}.wav") for n, t in enumerate(texts)]
+        caps = [(n, t, rng.choice(pools[split])) for n, t in enumerate(texts)]
         if split == "train":  # extra voices from their own stream: the rest of the plan is as with one voice
-            for n, (text, first, _) in enumerate(caps[: len(texts)]):
-                for v, speaker in enumerate(_other_speakers(voice_rng, pools["train"], first, spec.train_voices - 1), start=2):
-                    caps.append((text, speaker, out / "audio" / f"{image_id}_{n}_v{v}.wav"))
-        jobs.append(_Job(image_id, out / "images" / f"{image_id}.png", source, caps, split))
+            for n, text, first in caps[: len(texts)]:
+                caps += [(n, text, s) for s in _other_speakers(voice_rng, pools["train"], first, spec.train_voices - 1)]
+        clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name)) for n, t, s in caps]
+        image = _named(out / "images", image_id, ".png", source, spec.image_size)
+        jobs.append(_Job(image_id, image, source, clips, split))
     return jobs
+
+
+def _named(folder: Path, stem: str, suffix: str, *content: object) -> Path:
+    digest = hashlib.sha1("|".join(map(str, content)).encode()).hexdigest()[:10]
+    return folder / f"{stem}_{digest}{suffix}"
 
 
 def _other_speakers(rng: random.Random, pool: list[Speaker], taken: Speaker, count: int) -> list[Speaker]:

@@ -115,9 +115,11 @@ def collate(batch: list[dict], image_table: torch.Tensor | None, image_paths: li
 
 
 class SpeechImageDataModule(L.LightningDataModule):
-    def __init__(self, data: DataConfig, train: TrainConfig, clip: FrozenCLIP, upstream: SpeechUpstream | None = None):
+    def __init__(self, data: DataConfig, train: TrainConfig, clip: FrozenCLIP, upstream: SpeechUpstream | None = None,
+                 progress: bool = True):
         super().__init__()
         self.data_config, self.train_config, self.clip, self.upstream = data, train, clip, upstream
+        self.progress = progress  # bars for the image embeddings and the state cache
         if train.cache_upstream_states and upstream is None:
             raise ValueError("train.cache_upstream_states needs the upstream")
         self.items: dict[str, list[SpokenCaption]] = {}
@@ -145,12 +147,12 @@ class SpeechImageDataModule(L.LightningDataModule):
         self.image_paths = images.paths
         self.image_row = {image_id: row for row, image_id in enumerate(images.ids)}
         if self.cache is not None:
-            self.image_table = self.cache.embeddings(self.image_paths, progress=True)
+            self.image_table = self.cache.embeddings(self.image_paths, progress=self.progress)
         if self.train_config.cache_upstream_states:
             with self._training_autocast():  # cached states = what the training step's own forward would compute
                 for split in ("train", "val"):
                     self.states[split] = upstream_states(self.upstream, self.items[split], self.lengths[split],
-                                                         self.train_config.eval_batch_size)
+                                                         self.train_config.eval_batch_size, self.progress)
 
     def _training_autocast(self) -> torch.autocast:
         """bf16-mixed: the states in bf16, as the training forward would make them (and 1.4x faster on a CPU with

@@ -12,12 +12,16 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from ..audio import load_audio
 from ..clip import FrozenCLIP
@@ -101,18 +105,52 @@ def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path,
     }
 
 
-def _train_or_reuse(values: dict, encoders: dict, run_dir: Path, retrain: bool) -> dict:
+def _train_or_reuse(values: dict, encoders: dict, run_dir: Path, retrain: bool, name: str, bars: bool = True) -> dict:
     """Train, unless run_dir already holds a finished run of the same configuration on encoders of the same
-    pre-training spec (and not `retrain`)."""
+    pre-training spec (and not `retrain`). bars=False: step lines instead of progress bars."""
     marker = run_dir / "demo_run.json"
     if not retrain and marker.is_file() and (run_dir / "final" / "model.safetensors").is_file():
         saved = json.loads(marker.read_text())
         if saved["config"] == values and saved.get("encoders") == encoders:
             print(f"[demo] reusing {run_dir} (same configuration; --retrain to train again)", flush=True)
             return {**saved["summary"], "reused": True}
-    summary = fit(run_config_from_dict(values), run_dir, progress=True)
+    print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
+    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)])
     marker.write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
     return {**summary, "reused": False}
+
+
+class StepLines(Callback):
+    """A line every tenth of training: two runs sharing a terminal cannot share progress bars."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        if step % max(1, total // 10) == 0 or step == total:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            print(f"[demo] {self.name}: step {step}/{total}, loss {float(loss):.3f}, "
+                  f"{time.perf_counter() - self.started:.0f} s", flush=True)
+
+
+def _train_in_process(threads: int, *job) -> dict:
+    torch.set_num_threads(threads)
+    return _train_or_reuse(*job, bars=False)
+
+
+def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
+    """name -> (values, encoders, run_dir): the runs at once, one process each, the CPU threads shared out.
+    Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 34 ms with 2 threads
+    and 52 ms with 1, so two 1-thread runs side by side finish in 0.76x the time of one after the other
+    (benchmarks/RESULTS.md, demo stages). With fewer threads than runs, or on a GPU, they run one by one."""
+    threads = torch.get_num_threads()
+    if threads < len(jobs) or torch.cuda.is_available():
+        return {name: _train_or_reuse(*job, retrain, name) for name, job in jobs.items()}
+    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_in_process, threads // len(jobs), *job, retrain, name) for name, job in jobs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False) -> dict:
@@ -140,12 +178,11 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
             [torch.from_numpy(load_audio(i.audio)) for i in train_items], encoders / "hubert", spec.hubert))
         torch.manual_seed(spec.hubert.seed + 1)
         save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
-    runs = {}
-    for letter, name, upstream in (("a", "pretrained", encoders / "hubert"), ("b", "random", encoders / "hubert-random")):
-        with stage(f"3{letter}. train SpeechCLIP on the {name} upstream"):
-            values = _speechclip_config(spec, upstream, encoders / "clip", corpus_dir, out / "cache")
-            specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
-            runs[name] = _train_or_reuse(values, specs, out / "runs" / name, retrain)
+    with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
+        specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
+        runs = _train_all({name: (_speechclip_config(spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache"),
+                                  specs, out / "runs" / name)
+                           for name, folder in (("pretrained", "hubert"), ("random", "hubert-random"))}, retrain)
     with stage("4. evaluate on the test split"):
         results = _evaluate(out, corpus_dir, encoders / "clip")
     with stage("5. pictures"):

@@ -8,11 +8,12 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from ..data import read_dataset
@@ -35,10 +36,10 @@ def keyword_vocab(model_clip, captions: list[str], size: int | None) -> list[int
     return [t for t, _ in counts.most_common(size)]
 
 
-def _trainer(config: RunConfig, run_dir: Path, progress: bool) -> L.Trainer:
+def _trainer(config: RunConfig, run_dir: Path, progress: bool, extra_callbacks: Sequence[Callback]) -> L.Trainer:
     train = config.train
     precision = train.resolved_precision()
-    callbacks = [
+    callbacks = [*extra_callbacks,
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=train.checkpoint_every_steps,
                         save_last=True, save_top_k=0),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/recall_mean", mode="max",
@@ -61,15 +62,17 @@ def _trainer(config: RunConfig, run_dir: Path, progress: bool) -> L.Trainer:
     )
 
 
-def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train; with `resume`, continue from run_dir/checkpoints/last.ckpt (step counter, optimiser, schedule)."""
+def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+        callbacks: Sequence[Callback] = ()) -> dict:
+    """Train; with `resume`, continue from run_dir/checkpoints/last.ckpt (step counter, optimiser, schedule).
+    progress: the bars (image embeddings, state cache, training); callbacks: more Lightning callbacks."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     started = time.perf_counter()
     upstream = SpeechUpstream(config.model.upstream, config.model.normalize_waveform)
     clip = FrozenCLIP(config.model.clip)
-    datamodule = SpeechImageDataModule(config.data, config.train, clip, upstream)
+    datamodule = SpeechImageDataModule(config.data, config.train, clip, upstream, progress)
     if config.model.uses_cascaded and config.model.cascaded.keyword_vocab is None:
         captions = [i.text for i in datamodule.read("train") if i.text]
         if captions:  # the vocabulary is part of the model's config: known before the model is built
@@ -79,7 +82,7 @@ def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: 
     datamodule.setup("fit")
     system = SpeechCLIPSystem(model, config.train, export_dir=run_dir)
     system.image_table = datamodule.image_table
-    trainer = _trainer(config, run_dir, progress)
+    trainer = _trainer(config, run_dir, progress, callbacks)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume and not last.is_file():
         raise FileNotFoundError(f"{last}: nothing to resume from")
