@@ -35,9 +35,10 @@ class CorpusSpec:
     num_clipart: int = 400  # openclipart drawings (0 = none)
     captions_per_image: int = 3
     # Each training caption is spoken by this many training speakers (val/test: one). What a head trained
-    # on a few thousand clips lacks most is the same words in many voices: 2 voices -> speech->image R@1
-    # 28.3 -> 33.0 on unseen speakers (benchmarks/head_probe.py), for ~35 s more synthesis.
-    train_voices: int = 2
+    # on a few thousand clips lacks most is the same words in many voices: speech->image R@1 on unseen
+    # speakers (benchmarks/head_probe.py) 28.3 -> 33.0 from 1 to 2 voices, 40.2 -> 43.0 from 2 to 3 (on
+    # later encoders), for ~37 s more synthesis each.
+    train_voices: int = 3
     val_images: int = 100
     test_images: int = 200
     held_out_speaker_fraction: float = 0.2  # speakers reserved for val/test, never heard in training

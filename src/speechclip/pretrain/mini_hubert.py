@@ -39,7 +39,7 @@ class MiniHubertSpec:
     # GELU's backward on the conv stack's strided activations made a bf16 CPU step 1.25x slower (130 vs 106 ms)
     conv_activation: str = "quick_gelu"
     clusters: int = 100  # k-means targets (HuBERT iteration 1 uses 100 on MFCC)
-    steps: int = 2200
+    steps: int = 2950
     batch_size: int = 16
     crop_samples: int = 32000  # 2 s random windows
     mask_prob: float = 0.65  # HuBERT: p=0.08 span starts x span 10 ~ half the frames masked

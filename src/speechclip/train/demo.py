@@ -45,7 +45,7 @@ class DemoSpec:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
     hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    speechclip_steps: int = 4000
+    speechclip_steps: int = 4400
     batch_size: int = 64
     lr: float = 1e-3
     num_keywords: int = 6
@@ -105,18 +105,23 @@ def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path,
     }
 
 
-def _train_or_reuse(values: dict, encoders: dict, run_dir: Path, retrain: bool, name: str, bars: bool = True) -> dict:
-    """Train, unless run_dir already holds a finished run of the same configuration on encoders of the same
-    pre-training spec (and not `retrain`). bars=False: step lines instead of progress bars."""
+def _finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
+    """The summary of a finished run in run_dir of the same configuration on encoders of the same
+    pre-training spec, if there is one."""
     marker = run_dir / "demo_run.json"
-    if not retrain and marker.is_file() and (run_dir / "final" / "model.safetensors").is_file():
+    if marker.is_file() and (run_dir / "final" / "model.safetensors").is_file():
         saved = json.loads(marker.read_text())
         if saved["config"] == values and saved.get("encoders") == encoders:
             print(f"[demo] reusing {run_dir} (same configuration; --retrain to train again)", flush=True)
             return {**saved["summary"], "reused": True}
+    return None
+
+
+def _train(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
+    """bars=False: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
     summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)])
-    marker.write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
+    (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
     return {**summary, "reused": False}
 
 
@@ -137,20 +142,25 @@ class StepLines(Callback):
 
 def _train_in_process(threads: int, *job) -> dict:
     torch.set_num_threads(threads)
-    return _train_or_reuse(*job, bars=False)
+    return _train(*job, bars=False)
 
 
 def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
-    """name -> (values, encoders, run_dir): the runs at once, one process each, the CPU threads shared out.
+    """name -> (values, encoders, run_dir): finished runs are reused (unless `retrain`); the others train at
+    once, one process each, the CPU threads shared out.
     Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 34 ms with 2 threads
-    and 52 ms with 1, so two 1-thread runs side by side finish in 0.76x the time of one after the other
+    and 52 ms with 1, and the two demo runs took 304 s side by side against 211 + 231 s one after the other
     (benchmarks/RESULTS.md, demo stages). With fewer threads than runs, or on a GPU, they run one by one."""
+    runs = {name: None if retrain else _finished_run(*job) for name, job in jobs.items()}
+    todo = {name: job for name, job in jobs.items() if runs[name] is None}
     threads = torch.get_num_threads()
-    if threads < len(jobs) or torch.cuda.is_available():
-        return {name: _train_or_reuse(*job, retrain, name) for name, job in jobs.items()}
-    with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_train_in_process, threads // len(jobs), *job, retrain, name) for name, job in jobs.items()}
-        return {name: future.result() for name, future in futures.items()}
+    if len(todo) < 2 or threads < len(todo) or torch.cuda.is_available():
+        runs.update({name: _train(*job, name) for name, job in todo.items()})
+        return runs
+    with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_train_in_process, threads // len(todo), *job, name) for name, job in todo.items()}
+        runs.update({name: future.result() for name, future in futures.items()})
+    return runs
 
 
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False) -> dict:
