@@ -20,6 +20,7 @@ SCRIPTS = {
     "model_size": ["model_size.py"],
     "train_step": ["train_step.py"],
     "pretrain_step": ["pretrain_step.py"],
+    "demo_threads": ["demo_threads.py"],  # needs a finished `speechclip demo` in runs/demo
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],
     "search": ["search.py"],

@@ -148,9 +148,9 @@ def _train_in_process(threads: int, *job) -> dict:
 def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
     """name -> (values, encoders, run_dir): finished runs are reused (unless `retrain`); the others train at
     once, one process each, the CPU threads shared out.
-    Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 34 ms with 2 threads
-    and 52 ms with 1, and the two demo runs took 304 s side by side against 211 + 231 s one after the other
-    (benchmarks/RESULTS.md, demo stages). With fewer threads than runs, or on a GPU, they run one by one."""
+    Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 31 ms with 2 threads
+    and 49 ms with 1, also while a second 1-thread process runs (benchmarks/demo_threads.py); the two demo
+    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md). With fewer threads than runs, or on a GPU, they run one by one."""
     runs = {name: None if retrain else _finished_run(*job) for name, job in jobs.items()}
     todo = {name: job for name, job in jobs.items() if runs[name] is None}
     threads = torch.get_num_threads()
