@@ -3,8 +3,8 @@
 1. build the offline spoken-caption corpus (or reuse it);
 2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
    saved as ordinary Hugging Face folders (reused on the next run);
-3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and the
-   same on a randomly initialised frozen upstream as a control;
+3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and, side
+   by side in a second process, the same on a randomly initialised frozen upstream as a control;
 4. evaluate on the test split (unseen images, unseen speakers) and print one table;
 5. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
 """
@@ -150,7 +150,8 @@ def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
     once, one process each, the CPU threads shared out.
     Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 31 ms with 2 threads
     and 49 ms with 1, also while a second 1-thread process runs (benchmarks/demo_threads.py); the two demo
-    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md). With fewer threads than runs, or on a GPU, they run one by one."""
+    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md).
+    With fewer threads than runs, or on a GPU, they run one after the other in this process."""
     runs = {name: None if retrain else _finished_run(*job) for name, job in jobs.items()}
     todo = {name: job for name, job in jobs.items() if runs[name] is None}
     threads = torch.get_num_threads()
