@@ -76,3 +76,13 @@ def test_a_changed_spec_never_reuses_a_stale_file(tmp_path):
     assert {Image.open(i.image).size for i in items} == {(40, 40)}
     train = read_dataset("manifest", str(tmp_path), "train")
     assert summary["splits"]["train"]["captions"] == len(train) == 3 * len({(i.image_id, i.text) for i in train})
+
+
+def test_cli_data_build_takes_unset_sizes_from_the_spec(tmp_path, capsys):
+    from speechclip.cli import main
+
+    main(["data", "build", "--out", str(tmp_path), "--scenes", "8", "--clipart", "0", "--captions", "1",
+          "--val-images", "1", "--test-images", "2", "--workers", "2"])
+    spec = json.loads(capsys.readouterr().out)["spec"]
+    assert spec["num_scenes"] == 8 and spec["num_clipart"] == 0
+    assert spec["train_voices"] == CorpusSpec().train_voices and spec["image_size"] == CorpusSpec().image_size

@@ -32,8 +32,9 @@ def _quiet_libraries() -> None:
 def cmd_data_build(args) -> None:
     from .data.synthetic import CorpusSpec, build_corpus
 
-    spec = CorpusSpec(num_scenes=args.scenes, num_clipart=args.clipart, captions_per_image=args.captions,
-                      train_voices=args.train_voices, val_images=args.val_images, test_images=args.test_images, seed=args.seed)
+    given = {"num_scenes": args.scenes, "num_clipart": args.clipart, "captions_per_image": args.captions,
+             "train_voices": args.train_voices, "val_images": args.val_images, "test_images": args.test_images, "seed": args.seed}
+    spec = CorpusSpec(**{field: value for field, value in given.items() if value is not None})  # the rest: CorpusSpec's defaults
     print(json.dumps(build_corpus(args.out, spec, workers=args.workers), indent=2))
 
 
@@ -143,13 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="build the offline spoken-caption corpus")
     build.add_argument("--out", required=True)
-    build.add_argument("--scenes", type=int, default=1500)
-    build.add_argument("--clipart", type=int, default=400)
-    build.add_argument("--captions", type=int, default=3)
-    build.add_argument("--train-voices", type=int, default=2, help="training speakers per training caption")
-    build.add_argument("--val-images", type=int, default=100)
-    build.add_argument("--test-images", type=int, default=200)
-    build.add_argument("--seed", type=int, default=0)
+    # unset sizes take CorpusSpec's defaults (the demo's corpus)
+    build.add_argument("--scenes", type=int)
+    build.add_argument("--clipart", type=int)
+    build.add_argument("--captions", type=int, help="captions per image")
+    build.add_argument("--train-voices", type=int, help="training speakers per training caption")
+    build.add_argument("--val-images", type=int)
+    build.add_argument("--test-images", type=int)
+    build.add_argument("--seed", type=int)
     build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     build.set_defaults(func=cmd_data_build)
 
