@@ -33,3 +33,23 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     main(["demo", "--quick", "--retrain", "--out", str(tmp_path)])
     retrained = json.loads((tmp_path / "results.json").read_text())
     assert retrained["pretraining"]["hubert"]["reused"] and not retrained["training"]["pretrained"]["reused"]
+
+
+def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tiny_corpus, tmp_path, capsys):
+    import torch
+
+    from speechclip.train.demo import _train_all
+    from tests.conftest import tiny_run_config
+
+    good = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=2).to_dict()
+    broken = json.loads(json.dumps(good))
+    broken["model"]["upstream"] = str(tmp_path / "no-such-upstream")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two runs, two threads: the side-by-side path
+    try:
+        with pytest.raises(Exception, match="no-such-upstream"):
+            _train_all({"good": (good, {}, tmp_path / "good"), "broken": (broken, {}, tmp_path / "broken")}, retrain=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert "[demo] broken: failed" in capsys.readouterr().out
+    assert (tmp_path / "good" / "final" / "model.safetensors").is_file() and (tmp_path / "good" / "demo_run.json").is_file()

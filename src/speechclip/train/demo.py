@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -158,9 +158,17 @@ def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
     if len(todo) < 2 or threads < len(todo) or torch.cuda.is_available():
         runs.update({name: _train(*job, name) for name, job in todo.items()})
         return runs
+    failure = None
     with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_train_in_process, threads // len(todo), *job, name) for name, job in todo.items()}
-        runs.update({name: future.result() for name, future in futures.items()})
+        futures = {pool.submit(_train_in_process, threads // len(todo), *job, name): name for name, job in todo.items()}
+        for future in as_completed(futures):
+            try:
+                runs[futures[future]] = future.result()
+            except Exception as error:  # say so now; the other runs go on, and what they train is kept
+                print(f"[demo] {futures[future]}: failed: {error!r}", flush=True)
+                failure = failure or error
+    if failure is not None:
+        raise failure
     return runs
 
 
