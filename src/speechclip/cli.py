@@ -10,23 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _quiet_libraries() -> None:
-    """Keep our own progress lines readable: no HF weight-loading bars, no Lightning tips or notes about
-    frozen modules in eval mode (intended here)."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for message in (".*module\\(s\\) in eval mode.*", ".*LeafSpec.*", ".*smaller than the logging interval.*",
-                    ".*does not have many workers.*", ".*exists and is not empty.*", ".*requires torchvision.*"):
-        warnings.filterwarnings("ignore", message=message)
+from .quiet import quiet_libraries
 
 
 def cmd_data_build(args) -> None:
@@ -215,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as error:  # our errors name the file or field: show them plainly

@@ -35,6 +35,7 @@ from ..model import SpeechCLIP
 from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
 from ..pretrain.mini_hubert import MiniHubertSpec, hubert_config, pretrain_mini_hubert
 from ..pretrain.precision import cpu_has_fast_bf16
+from ..quiet import quiet_libraries
 from .config import run_config_from_dict
 from .demo_report import format_demo_table, write_pictures
 from .run import fit
@@ -141,6 +142,7 @@ class StepLines(Callback):
 
 
 def _train_in_process(threads: int, *job) -> dict:
+    quiet_libraries()
     torch.set_num_threads(threads)
     return _train(*job, bars=False)
 
