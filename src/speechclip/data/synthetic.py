@@ -37,7 +37,7 @@ class CorpusSpec:
     # Each training caption is spoken by this many training speakers (val/test: one). What a head trained
     # on a few thousand clips lacks most is the same words in many voices: speech->image R@1 on unseen
     # speakers (benchmarks/head_probe.py) 28.3 -> 33.0 from 1 to 2 voices, 40.2 -> 43.0 from 2 to 3 (on
-    # later encoders), for ~37 s more synthesis each.
+    # later encoders); each voice adds 20-35 s of synthesis on 2 cores.
     train_voices: int = 3
     val_images: int = 100
     test_images: int = 200
