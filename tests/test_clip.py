@@ -1,3 +1,5 @@
+import json
+
 import torch
 
 from speechclip.clip import FrozenCLIP
@@ -31,3 +33,18 @@ def test_gradient_reaches_embeddings_through_text_tower(encoders):
     clip.text_features_from_embeddings(inner).sum().backward()
     assert inner.grad is not None and inner.grad.abs().sum() > 0
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_the_clip_tokenizer_trains_the_same_every_time():
+    import random
+
+    from speechclip.data.scenes import captions, random_scene
+    from speechclip.mini_encoders import train_clip_tokenizer
+
+    rng = random.Random(0)
+    texts = [t for _ in range(300) for t in captions(random_scene(rng), rng, 3)]
+    first, second, third = (train_clip_tokenizer(texts, vocab_size=400) for _ in range(3))
+    assert first.get_vocab() == second.get_vocab() == third.get_vocab()
+    merges = [json.loads(t.backend_tokenizer.to_str())["model"]["merges"] for t in (first, second, third)]
+    assert merges[0] == merges[1] == merges[2]
+    assert first.tokenize("three big purple rings") == ["three</w>", "big</w>", "purple</w>", "rings</w>"]

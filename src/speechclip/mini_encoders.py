@@ -58,14 +58,20 @@ def train_clip_tokenizer(texts: Iterable[str], vocab_size: int = 1000) -> CLIPTo
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
+    # The trainer gives ids to word-final tokens ("e</w>") in hash-map order, and breaks ties between equally
+    # frequent merges by id, so two trainings on the same text differ (huggingface/tokenizers#1794). Listing
+    # those tokens up front, sorted, fixes their ids and makes the tokenizer the same every time.
+    texts = list(texts)
+    finals = sorted({piece[-1] + "</w>" for text in texts
+                     for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(text))})
     trainer = BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[BOS, EOS],
+        special_tokens=[BOS, EOS, *finals],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         end_of_word_suffix="</w>",
         show_progress=False,
     )
-    tokenizer.train_from_iterator(list(texts), trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     state = json.loads(tokenizer.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     return CLIPTokenizer(vocab=state["vocab"], merges=merges)
