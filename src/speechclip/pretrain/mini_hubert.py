@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoModel, HubertConfig, HubertModel
+from transformers import AutoModel, HubertConfig, HubertModel, set_seed
 from transformers.audio_utils import mel_filter_bank
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
@@ -110,7 +110,7 @@ def hubert_config(spec: MiniHubertSpec) -> HubertConfig:
 def pretrain_mini_hubert(waves: Sequence[torch.Tensor], out: str | Path, spec: MiniHubertSpec = MiniHubertSpec(),
                          progress: bool = True) -> dict:
     """waves: training clips (16 kHz). Writes a HuBERT folder to `out`; returns a log."""
-    torch.manual_seed(spec.seed)
+    set_seed(spec.seed)  # torch and numpy: HF's span masking (_compute_mask_indices) draws from numpy's global RNG
     started = time.perf_counter()
     labels = cluster_labels(waves, spec.clusters, spec.seed)
     config = hubert_config(spec)
