@@ -7,17 +7,14 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CLIPConfig, HubertConfig
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-from transformers import CLIPConfig, HubertConfig  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from speechclip.data import read_dataset
+from speechclip.data.synthetic import CorpusSpec, build_corpus
+from speechclip.mini_encoders import save_mini_clip, save_mini_speech, train_clip_tokenizer
+from speechclip.quiet import quiet_libraries
 
-from speechclip.data import read_dataset  # noqa: E402
-from speechclip.data.synthetic import CorpusSpec, build_corpus  # noqa: E402
-from speechclip.mini_encoders import save_mini_clip, save_mini_speech, train_clip_tokenizer  # noqa: E402
-
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
+quiet_libraries()  # the CLI's own set-up: no HF bars, no Lightning tips, tokenizers without a thread pool
 CACHE = Path(os.environ.get("SPEECHCLIP_BENCH_CACHE", ".cache/bench"))
 
 
