@@ -33,6 +33,13 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     main(["demo", "--quick", "--retrain", "--out", str(tmp_path)])
     retrained = json.loads((tmp_path / "results.json").read_text())
     assert retrained["pretraining"]["hubert"]["reused"] and not retrained["training"]["pretrained"]["reused"]
+    # another seed: every training run is drawn again (the encoders too), on the same corpus
+    main(["demo", "--quick", "--seed", "1", "--out", str(tmp_path)])
+    reseeded = json.loads((tmp_path / "results.json").read_text())
+    assert not reseeded["pretraining"]["hubert"]["reused"] and not reseeded["pretraining"]["clip"]["reused"]
+    assert reseeded["pretraining"]["hubert"]["spec"]["seed"] == retrained["pretraining"]["hubert"]["spec"]["seed"] + 1
+    assert not reseeded["training"]["pretrained"]["reused"]
+    assert reseeded["corpus"] == retrained["corpus"]
 
 
 def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tiny_corpus, tmp_path, capsys):

@@ -82,7 +82,7 @@ def cmd_keywords(args) -> None:
 def cmd_demo(args) -> None:
     from .train.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain)
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed)
 
 
 def cmd_index(args) -> None:
@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a seconds-long miniature (what the tests run)")
     demo.add_argument("--fresh", action="store_true", help="rebuild the corpus, encoders and SpeechCLIP runs")
     demo.add_argument("--retrain", action="store_true", help="reuse corpus and encoders, train SpeechCLIP again")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="another draw of every training run on the same corpus (0: the default build); "
+                           "with --out elsewhere, to measure the spread of the results")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

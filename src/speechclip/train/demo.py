@@ -16,7 +16,7 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
@@ -50,6 +50,13 @@ class DemoSpec:
     batch_size: int = 64
     lr: float = 1e-3
     num_keywords: int = 6
+    speechclip_seed: int = 7  # the training layer's default seed
+
+    def seeded(self, seed: int) -> "DemoSpec":
+        """Another draw of every training run (mini CLIP, mini HuBERT, both SpeechCLIP runs, the control's
+        random upstream) on the same corpus, so the test set stays the same: seed 0 is the default build."""
+        return replace(self, clip=replace(self.clip, seed=self.clip.seed + seed), hubert=replace(self.hubert, seed=self.hubert.seed + seed),
+                       speechclip_seed=self.speechclip_seed + seed)
 
     @classmethod
     def quick(cls) -> "DemoSpec":
@@ -101,7 +108,7 @@ def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path,
         "train": {"batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": max(1, spec.speechclip_steps // 10),
                   "max_steps": spec.speechclip_steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, spec.speechclip_steps // 4),
                   "checkpoint_every_steps": max(1, spec.speechclip_steps // 4), "num_workers": 0, "cache_dir": str(cache),
-                  "cache_upstream_states": True, "log_every_steps": 10,
+                  "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
                   "precision": "bf16-mixed" if cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
     }
 
@@ -174,10 +181,11 @@ def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
     return runs
 
 
-def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False) -> dict:
-    """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again."""
+def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False, seed: int = 0) -> dict:
+    """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again;
+    seed: another draw of the training runs (0: the default build)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = DemoSpec.quick() if quick else DemoSpec()
+    spec = (DemoSpec.quick() if quick else DemoSpec()).seeded(seed)
     out.mkdir(parents=True, exist_ok=True)
     if fresh:
         retrain = True
