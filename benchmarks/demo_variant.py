@@ -1,0 +1,70 @@
+"""Train a finished demo build's pre-trained SpeechCLIP run again with changed settings, and print its test
+speech->image R@1 beside the build's ceiling: how the demo's SpeechCLIP settings were chosen.
+
+Only the pre-trained-upstream run trains (with all threads), on the build's corpus, encoders and caches,
+into `.cache/demo_variant/<build>-<name>`; the build itself is not touched. A research tool, not part of
+the product. Thread counts change the float rounding, so compare variants with each other, not with the
+build's own table (its runs train with 1 thread each).
+
+    python benchmarks/demo_variant.py --run runs/demo-seed2 --name base
+    python benchmarks/demo_variant.py --run runs/demo-seed2 --name b128 train.batch_size=128 train.max_steps=2200
+    python benchmarks/demo_variant.py --run runs/demo-seed2 --name drop2 model.parallel.dropout=0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import common  # noqa: F401  (the CLI's logging set-up)
+from speechclip.data import read_dataset
+from speechclip.evaluate import evaluate
+from speechclip.image_cache import ImageEmbeddingCache
+from speechclip.model import SpeechCLIP
+from speechclip.train.config import run_config_from_dict
+from speechclip.train.demo import DemoSpec, _speechclip_config
+from speechclip.train.run import fit
+
+
+def with_overrides(values: dict, overrides: list[str]) -> dict:
+    """`section.key[.key]=json` -> values[section][key]... = parsed json."""
+    for override in overrides:
+        dotted, _, raw = override.partition("=")
+        *path, last = dotted.split(".")
+        target = values
+        for key in path:
+            target = target.setdefault(key, {})
+        target[last] = json.loads(raw)
+    return values
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a finished `speechclip demo` output folder")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("overrides", nargs="*", help="SpeechCLIP run settings, e.g. train.batch_size=128")
+    args = parser.parse_args()
+    seed = json.loads((args.run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
+    spec = DemoSpec().seeded(seed - DemoSpec().hubert.seed)
+    values = _speechclip_config(spec, args.run / "encoders" / "hubert", args.run / "encoders" / "clip",
+                                args.run / "corpus", args.run / "cache")
+    out = Path(".cache/demo_variant") / f"{args.run.name}-{args.name}"
+    started = time.perf_counter()
+    fit(run_config_from_dict(with_overrides(values, args.overrides)), out, progress=False)
+    seconds = time.perf_counter() - started
+    model = SpeechCLIP.from_pretrained(out / "final")
+    test = read_dataset("manifest", str(args.run / "corpus"), "test")
+    results = evaluate(model, test, ImageEmbeddingCache(args.run / "cache", model.clip))
+    ceiling = json.loads((args.run / "results.json").read_text())["clip_text_to_image"]["recall"]["1"]
+    r1 = results["parallel"]["speech_to_image"]["recall"][1]
+    print(f"{args.run.name} {args.name} {' '.join(args.overrides)}: speech->image R@1 {100 * r1:.1f}, "
+          f"ceiling {100 * ceiling:.1f}, ratio {r1 / ceiling:.3f}; cascaded {100 * results['cascaded']['speech_to_image']['recall'][1]:.1f}; "
+          f"{seconds:.0f} s with {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
