@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -139,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--val-images", type=int)
     build.add_argument("--test-images", type=int)
     build.add_argument("--seed", type=int)
-    build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    build.add_argument("--workers", type=int, help="synthesis threads (default: usable cores + 2)")
     build.set_defaults(func=cmd_data_build)
 
     train = sub.add_parser("train", help="train a SpeechCLIP model from a YAML config")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -197,9 +196,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
     started = time.perf_counter()
     with stage("1. offline corpus"):
         corpus_dir = out / "corpus"
-        # two threads more than cores: a clip also waits on espeak-ng's start-up and a file write
-        # (1.06x the clips per second: benchmarks/synthesis_workers.py)
-        corpus = build_corpus(corpus_dir, spec.corpus, workers=_usable_cores() + 2)
+        corpus = build_corpus(corpus_dir, spec.corpus)
         train_items = read_dataset("manifest", str(corpus_dir), "train")
     encoders = out / "encoders"
     with stage("2a. pre-train mini CLIP"):
@@ -226,10 +223,6 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
     print(format_demo_table(results))
     print(f"[demo] results: {out / 'results.json'}, pictures: {out / 'pictures'}")
     return results
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _short(log: dict) -> dict:
