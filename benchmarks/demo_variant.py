@@ -25,28 +25,16 @@ from speechclip.data import read_dataset
 from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
-from speechclip.train.config import run_config_from_dict
+from speechclip.train.config import apply_overrides, run_config_from_dict
 from speechclip.train.demo import DemoSpec, _speechclip_config
 from speechclip.train.run import fit
-
-
-def with_overrides(values: dict, overrides: list[str]) -> dict:
-    """`section.key[.key]=json` -> values[section][key]... = parsed json."""
-    for override in overrides:
-        dotted, _, raw = override.partition("=")
-        *path, last = dotted.split(".")
-        target = values
-        for key in path:
-            target = target.setdefault(key, {})
-        target[last] = json.loads(raw)
-    return values
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a finished `speechclip demo` output folder")
     parser.add_argument("--name", required=True)
-    parser.add_argument("overrides", nargs="*", help="SpeechCLIP run settings, e.g. train.batch_size=128")
+    parser.add_argument("overrides", nargs="*", help="run settings as in `speechclip train --set`, e.g. train.batch_size=128")
     args = parser.parse_args()
     seed = json.loads((args.run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
     spec = DemoSpec().seeded(seed - DemoSpec().hubert.seed)
@@ -54,7 +42,7 @@ def main() -> None:
                                 args.run / "corpus", args.run / "cache")
     out = Path(".cache/demo_variant") / f"{args.run.name}-{args.name}"
     started = time.perf_counter()
-    fit(run_config_from_dict(with_overrides(values, args.overrides)), out, progress=False)
+    fit(run_config_from_dict(apply_overrides(values, args.overrides)), out, progress=False)
     seconds = time.perf_counter() - started
     model = SpeechCLIP.from_pretrained(out / "final")
     test = read_dataset("manifest", str(args.run / "corpus"), "test")

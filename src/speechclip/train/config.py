@@ -78,9 +78,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: cannot read config: {error}") from error
-    for override in overrides or []:
-        _apply(values, override)
-    return run_config_from_dict(values)
+    return run_config_from_dict(apply_overrides(values, overrides or []))
 
 
 def run_config_from_dict(values: dict) -> RunConfig:
@@ -92,6 +90,13 @@ def run_config_from_dict(values: dict) -> RunConfig:
         data=_build(DataConfig, values.get("data") or {}, "data"),
         train=_build(TrainConfig, values.get("train") or {}, "train"),
     )
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `--set` overrides to a config dict in place (and return it)."""
+    for override in overrides:
+        _apply(values, override)
+    return values
 
 
 def _apply(values: dict, override: str) -> None:
