@@ -18,6 +18,7 @@ class KeywordOutput:
     embeds: torch.Tensor  # (B, D_clip) CLIP text-tower output for the K quantized keywords
     token_ids: torch.Tensor  # (B, K) CLIP token id chosen for each keyword
     similarity: torch.Tensor  # (B, K, V') cosine similarity of each keyword to the VQ vocabulary
+    lengths: torch.Tensor | None = None  # (B,) keywords per utterance (CIF variants); None = all K
 
 
 def _encoder_layer(width: int, config: ParallelConfig) -> nn.TransformerEncoderLayer:

@@ -6,7 +6,7 @@ The model returns embeddings and the logit scale, never the loss (that lives in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +31,8 @@ FROZEN_PREFIXES = ("upstream.model.", "clip.model.")
 class SpeechOutput:
     parallel: torch.Tensor | None  # (B, D_clip) parallel-branch embedding, unnormalised
     cascaded: KeywordOutput | None  # cascaded-branch embedding and chosen keywords
+    # training-only auxiliary losses, already weighted (CIF's quantity loss); the trainer adds them
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def embeds(self) -> torch.Tensor:
@@ -48,6 +50,7 @@ class SpeechCLIP(nn.Module):
         self.featurizer = WeightedLayerSum(self.upstream.num_hidden_states, width, config.normalize_hidden_states)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.logit_scale.requires_grad_(config.learn_logit_scale)
+        self.training_step = 0  # set by the trainer each step (set_training_step)
         vocab = self._keyword_vocab()
         if config.variant == "parallel":
             self.head = ParallelBranch(width, self.clip.embed_dim, config.parallel)
@@ -83,6 +86,10 @@ class SpeechCLIP(nn.Module):
             return SpeechOutput(None, self.head(frames, frame_mask, self.clip))
         parallel, cascaded = self.head(frames, frame_mask, self.clip)
         return SpeechOutput(parallel, cascaded)
+
+    def set_training_step(self, step: int) -> None:
+        """The optimiser step about to run: schedules inside the model (CIF's length scaling) follow it."""
+        self.training_step = int(step)
 
     def scale(self) -> torch.Tensor:
         """exp(logit scale), clamped as in CLIP."""
@@ -149,11 +156,18 @@ class SpeechCLIP(nn.Module):
         return result
 
     def nearest_subwords(self, output: SpeechOutput, top_k: int | None = None) -> tuple[list, list]:
-        """(B, K, top_k) CLIP token ids and cosine scores of each keyword slot's nearest subwords."""
+        """Per utterance, per keyword slot, the `top_k` nearest CLIP token ids and their cosine scores:
+        nested lists [B][K_b][top_k]. K_b is the same for every utterance with K fixed keywords, and varies
+        with the speech for the CIF variants (output.cascaded.lengths)."""
         top_k = top_k or self.config.cascaded.keywords_shown
         vocab_ids = self.head.keywords.quantizer.vocab_ids
         scores, positions = output.cascaded.similarity.topk(min(top_k, len(vocab_ids)), dim=-1)
-        return vocab_ids[positions].tolist(), scores.tolist()
+        ids, scores = vocab_ids[positions].tolist(), scores.tolist()
+        lengths = output.cascaded.lengths
+        if lengths is not None:
+            ids = [row[:n] for row, n in zip(ids, lengths.tolist())]
+            scores = [row[:n] for row, n in zip(scores, lengths.tolist())]
+        return ids, scores
 
     def subword(self, token_id: int) -> str:
         """A CLIP token id as readable text (byte-level symbols decoded, the end-of-word marker dropped)."""
@@ -203,6 +217,8 @@ def _select(output: SpeechOutput, row: int) -> SpeechOutput:
     cascaded = None
     if output.cascaded is not None:
         c = output.cascaded
-        cascaded = KeywordOutput(c.embeds[row : row + 1], c.token_ids[row : row + 1], c.similarity[row : row + 1])
+        n = None if c.lengths is None else int(c.lengths[row])  # a lone utterance keeps only its own keywords
+        cascaded = KeywordOutput(c.embeds[row : row + 1], c.token_ids[row : row + 1, :n], c.similarity[row : row + 1, :n],
+                                 None if c.lengths is None else c.lengths[row : row + 1])
     parallel = output.parallel[row : row + 1] if output.parallel is not None else None
     return SpeechOutput(parallel, cascaded)
