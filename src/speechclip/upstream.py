@@ -49,6 +49,15 @@ class SpeechUpstream(nn.Module):
         self.model.eval()
         return self
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip that yields one frame: the conv stack's receptive field (400 samples, 25 ms, for
+        HuBERT/WavLM/wav2vec 2.0). Shorter clips cannot be encoded; callers refuse them naming the clip."""
+        samples = 1
+        for kernel, stride in zip(reversed(self.model.config.conv_kernel), reversed(self.model.config.conv_stride)):
+            samples = (samples - 1) * stride + kernel
+        return samples
+
     def frame_lengths(self, sample_lengths: torch.Tensor) -> torch.Tensor:
         """Samples -> valid output frames (the conv stack's receptive-field arithmetic)."""
         return self.model._get_feat_extract_output_lengths(sample_lengths).long()
