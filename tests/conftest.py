@@ -48,11 +48,22 @@ def encoders(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+def tiny_heads(variant: str) -> dict:
+    """The head settings of a tiny model: only the sections the variant reads (others would be refused)."""
+    values: dict = {}
+    if variant == "parallel":
+        values["parallel"] = dict(num_heads=4, ffn_dim=128)
+    if variant in ("cascaded", "hybrid"):
+        values["cascaded"] = dict(num_keywords=4)
+    if variant.endswith("_plus"):
+        values["cif"] = dict(max_keywords=8)  # the tiny CLIP has 32 text positions
+    return values
+
+
 def tiny_model_config(encoders: dict[str, str], variant: str = "parallel", upstream: str = "hubert", **overrides):
     from speechclip import SpeechCLIPConfig
 
-    values = dict(upstream=encoders[upstream], clip=encoders["clip"], variant=variant,
-                  parallel=dict(num_heads=4, ffn_dim=128), cascaded=dict(num_keywords=4))
+    values = dict(upstream=encoders[upstream], clip=encoders["clip"], variant=variant, **tiny_heads(variant))
     values.update(overrides)
     return SpeechCLIPConfig(**values)
 
@@ -87,8 +98,7 @@ def tiny_run_config(encoders: dict[str, str], corpus: str, cache_dir: str, varia
                   num_workers=0, cache_dir=cache_dir, log_every_steps=1)
     values.update(train)
     return run_config_from_dict({
-        "model": {"upstream": encoders["hubert"], "clip": encoders["clip"], "variant": variant,
-                  "parallel": {"num_heads": 4, "ffn_dim": 128}, "cascaded": {"num_keywords": 4}},
+        "model": {"upstream": encoders["hubert"], "clip": encoders["clip"], "variant": variant, **tiny_heads(variant)},
         "data": {"kind": "manifest", "root": corpus},
         "train": values,
     })

@@ -9,7 +9,7 @@ from speechclip import AudioError, ConfigError, SpeechCLIP
 from speechclip.loss import contrastive_loss
 from tests.conftest import tiny_model_config, write_wav
 
-VARIANTS = ["parallel", "cascaded", "hybrid"]
+VARIANTS = ["parallel", "cascaded", "hybrid", "cascaded_plus", "hybrid_plus"]
 
 
 def _step(model: SpeechCLIP) -> None:
@@ -42,7 +42,7 @@ def test_only_trainable_parameters_get_gradients(encoders, variant):
             assert torch.equal(value, frozen_before[key]), key
 
 
-@pytest.mark.parametrize("variant", ["cascaded", "hybrid"])
+@pytest.mark.parametrize("variant", ["cascaded", "hybrid", "cascaded_plus", "hybrid_plus"])
 def test_gradient_reaches_cascaded_branch_through_quantizer(encoders, variant):
     model = SpeechCLIP(tiny_model_config(encoders, variant)).train()
     output = model(torch.randn(3, 8000), torch.tensor([8000, 8000, 6000]))
@@ -50,7 +50,10 @@ def test_gradient_reaches_cascaded_branch_through_quantizer(encoders, variant):
     head = model.head.keywords
     assert head.projection.weight.grad.abs().sum() > 0
     assert model.featurizer.layer_weights.grad.abs().sum() > 0
-    assert output.cascaded.token_ids.shape == (3, 4)
+    if not model.config.uses_cif:
+        assert output.cascaded.token_ids.shape == (3, 4)
+    else:  # training targets round(frames / 20): 24, 24 and 18 frames -> 1 keyword each
+        assert output.cascaded.lengths.tolist() == [1, 1, 1]
     vocab = set(head.quantizer.vocab_ids.tolist())
     assert set(output.cascaded.token_ids.flatten().tolist()) <= vocab
     assert not vocab & model.clip.special_token_ids
@@ -69,7 +72,9 @@ def test_embedding_unchanged_when_batched_with_longer_clips(encoders, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_give_identical_outputs(encoders, variant, tmp_path):
     torch.manual_seed(0)
-    config = tiny_model_config(encoders, variant, cascaded=dict(num_keywords=4, keyword_vocab=list(range(250, 320))))
+    config = tiny_model_config(encoders, variant)
+    if config.uses_cascaded:
+        config.cascaded.keyword_vocab = list(range(250, 320))
     model = SpeechCLIP(config)
     _step(model)  # move BatchNorm statistics away from their initial values
     with torch.no_grad():
@@ -88,7 +93,8 @@ def test_save_and_load_give_identical_outputs(encoders, variant, tmp_path):
     torch.testing.assert_close(loaded.encode_speech(clips), model.encode_speech(clips))
     if config.uses_cascaded:
         assert loaded.keywords(clips, top_k=3) == model.keywords(clips, top_k=3)
-        assert len(loaded.keywords(clips)[0]) == 4 and len(loaded.keywords(clips)[0][0]) == 5
+        slots = loaded.keywords(clips)[0]
+        assert len(slots[0]) == 5 and (len(slots) == 4 or config.uses_cif)
 
 
 def test_encode_image_text_and_paths(encoders, tmp_path):
@@ -125,6 +131,7 @@ def test_checkpoint_of_other_variant_is_refused(encoders, tmp_path):
     SpeechCLIP(tiny_model_config(encoders, "parallel")).save_pretrained(tmp_path / "p")
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     config["variant"] = "cascaded"
+    del config["parallel"]  # else refused earlier: parallel settings a cascaded model would ignore
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match the config"):
         SpeechCLIP.from_pretrained(tmp_path / "p")

@@ -1,163 +1,121 @@
-"""The trainable heads: parallel (CLS -> CLIP space) and cascaded (K keywords quantized onto CLIP's
-subword table, read by CLIP's frozen text tower), and hybrid (both, over one shared attention layer)."""
+"""The trainable heads over the weighted upstream frames, one per variant (DESIGN §1; SpeechCLIP+ for the
+hybrids and CIF). Each takes (B, T, D) frames and a (B, T) valid mask and returns a `SpeechOutput`.
+
+- parallel: [CLS] + frames -> Transformer encoder + final LayerNorm -> CLS -> projection to CLIP space.
+- cascaded: K [CLS_k] + frames -> one attention layer -> K keywords -> `KeywordHead` (VQ + CLIP text).
+- hybrid: [CLS_p, CLS_1..K] + frames -> ONE shared attention layer built from the cascaded settings;
+  CLS_p -> the parallel projection, CLS_1..K -> the keyword path (SpeechCLIP+ `KW_HybridBranch`).
+- cascaded_plus: frames -> the attention layer -> CIF fires a variable number of keywords -> keyword path.
+- hybrid_plus: [CLS] + frames -> the shared attention layer; CLS -> parallel projection, frames -> CIF.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionLayer, EncoderStack, prepend, projection
+from .cif import ContinuousIntegrateAndFire
 from .clip import FrozenCLIP
-from .config import CascadedConfig, ParallelConfig
+from .config import CascadedConfig, SpeechCLIPConfig
+from .keywords import KeywordHead
+from .outputs import SpeechOutput
 
 
-@dataclass
-class KeywordOutput:
-    embeds: torch.Tensor  # (B, D_clip) CLIP text-tower output for the K quantized keywords
-    token_ids: torch.Tensor  # (B, K) CLIP token id chosen for each keyword
-    similarity: torch.Tensor  # (B, K, V') cosine similarity of each keyword to the VQ vocabulary
-    lengths: torch.Tensor | None = None  # (B,) keywords per utterance (CIF variants); None = all K
+def _cls(count: int, width: int) -> nn.Parameter:
+    """Learnable query tokens, drawn from N(0, 1) as the reference's `torch.randn`."""
+    return nn.Parameter(torch.randn(count, width))
 
 
-def _encoder_layer(width: int, config: ParallelConfig) -> nn.TransformerEncoderLayer:
-    return nn.TransformerEncoderLayer(
-        d_model=width,
-        nhead=config.num_heads,
-        dim_feedforward=config.ffn_dim,
-        dropout=config.dropout,
-        activation="gelu",
-        batch_first=True,
-        norm_first=False,
-    )
-
-
-def _prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put learnable query tokens (N, D) before (B, T, D) frames; return the sequence and its padding mask
-    (True = ignore, PyTorch's convention)."""
-    batch = frames.shape[0]
-    sequence = torch.cat([tokens.expand(batch, -1, -1), frames], dim=1)
-    keep = torch.cat([frame_mask.new_ones(batch, tokens.shape[0]), frame_mask], dim=1)
-    return sequence, ~keep
-
-
-def _encode_queries(encoder: nn.TransformerEncoder, sequence: torch.Tensor, padding: torch.Tensor, queries: int) -> torch.Tensor:
-    """Run `encoder` over `sequence` and return the states of its first `queries` tokens.
-
-    Only those tokens are read out, so the last layer computes attention and FFN for them alone: the
-    same values as the full layer (each token's output depends on the others only through keys and
-    values), at a fraction of the cost when frames outnumber queries a hundredfold.
-    """
-    *lower, last = encoder.layers
-    for layer in lower:
-        sequence = layer(sequence, src_key_padding_mask=padding)
-    query = sequence[:, :queries]
-
-    def attend(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        out = last.self_attn(x, memory, memory, key_padding_mask=padding, need_weights=False)[0]
-        return last.dropout1(out)
-
-    if last.norm_first:
-        memory = last.norm1(sequence)
-        query = query + attend(memory[:, :queries], memory)
-        return query + last._ff_block(last.norm2(query))
-    query = last.norm1(query + attend(query, sequence))
-    return last.norm2(query + last._ff_block(query))
+def keyword_attention(width: int, config: CascadedConfig) -> nn.Module:
+    """The cascaded settings' attention layer: attention + LayerNorm (reference) or a Transformer layer."""
+    if config.attention == "transformer":
+        return EncoderStack(width, 1, config.num_heads, config.ffn_dim, config.dropout, final_norm=True)
+    return AttentionLayer(width, config.num_heads, config.dropout)
 
 
 class ParallelBranch(nn.Module):
-    """[CLS] + frames -> Transformer encoder -> CLS state -> Linear -> (B, D_clip)."""
-
-    def __init__(self, width: int, clip_dim: int, config: ParallelConfig):
+    def __init__(self, width: int, clip: FrozenCLIP, config: SpeechCLIPConfig, vocab_ids: torch.Tensor | None = None):
         super().__init__()
-        self.cls = nn.Parameter(torch.randn(1, width) * 0.02)
-        self.encoder = nn.TransformerEncoder(_encoder_layer(width, config), config.num_layers, enable_nested_tensor=False)
-        self.projection = nn.Linear(width, clip_dim)
+        p = config.parallel
+        self.cls = _cls(1, width)
+        self.encoder = EncoderStack(width, p.num_layers, p.num_heads, p.ffn_dim, p.dropout, p.final_norm)
+        self.projection = projection(width, clip.embed_dim, p.projection_hidden, p.projection_dropout)
 
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-        sequence, padding = _prepend(self.cls, frames, frame_mask)
-        return self.projection(_encode_queries(self.encoder, sequence, padding, 1)[:, 0])
-
-
-class KeywordQuantizer(nn.Module):
-    """Cosine-similarity vector quantization onto a subset of CLIP's subword embeddings.
-
-    The forward value is the chosen subword's embedding (hard) while gradients follow the softmax
-    mixture (straight-through), so the speech side learns to point at useful subwords.
-    """
-
-    def __init__(self, vocab_ids: torch.Tensor, temperature: float, hard: bool):
-        super().__init__()
-        self.register_buffer("vocab_ids", vocab_ids.long(), persistent=False)
-        self.temperature = temperature
-        self.hard = hard
-
-    def forward(self, keywords: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, K, D_tok) keywords, (V, D_tok) full CLIP table -> quantized (B, K, D_tok), ids (B, K), cosine (B, K, V')."""
-        vocab = table[self.vocab_ids]
-        cosine = F.normalize(keywords, dim=-1) @ F.normalize(vocab, dim=-1).T
-        soft = (cosine / self.temperature).softmax(-1)
-        choice = cosine.argmax(-1)
-        if self.hard:
-            one_hot = F.one_hot(choice, vocab.shape[0]).to(soft.dtype)
-            weights = one_hot - soft.detach() + soft
-        else:
-            weights = soft
-        return weights @ vocab, self.vocab_ids[choice], cosine
-
-
-class KeywordHead(nn.Module):
-    """K keyword states (B, K, D) -> projection to CLIP's token width -> per-keyword BatchNorm -> VQ ->
-    frozen CLIP text tower -> (B, D_clip)."""
-
-    def __init__(self, width: int, clip: FrozenCLIP, config: CascadedConfig, vocab_ids: torch.Tensor):
-        super().__init__()
-        table = clip.token_embedding.detach()[vocab_ids]
-        token_width = table.shape[1]
-        self.projection = nn.Linear(width, token_width)
-        self.norms = nn.ModuleList(nn.BatchNorm1d(token_width) for _ in range(config.num_keywords))
-        for norm in self.norms:  # start on the table's own scale (reference init)
-            norm.weight.data.copy_(table.std(0))
-            norm.bias.data.copy_(table.mean(0))
-        self.quantizer = KeywordQuantizer(vocab_ids, config.vq_temperature, config.hard)
-
-    def forward(self, states: torch.Tensor, clip: FrozenCLIP) -> KeywordOutput:
-        keywords = self.projection(states)
-        keywords = torch.stack([norm(keywords[:, k]) for k, norm in enumerate(self.norms)], dim=1)
-        quantized, token_ids, cosine = self.quantizer(keywords, clip.token_embedding)
-        return KeywordOutput(clip.text_features_from_embeddings(quantized), token_ids, cosine)
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int = 0) -> SpeechOutput:
+        sequence, padding = prepend(self.cls, frames, frame_mask)
+        return SpeechOutput(self.projection(self.encoder(sequence, padding, queries=1)[:, 0]), None)
 
 
 class CascadedBranch(nn.Module):
-    """K [CLS_k] + frames -> one multi-head attention layer (+ residual, LayerNorm, no FFN) -> keywords."""
-
-    def __init__(self, width: int, clip: FrozenCLIP, config: CascadedConfig, vocab_ids: torch.Tensor):
+    def __init__(self, width: int, clip: FrozenCLIP, config: SpeechCLIPConfig, vocab_ids: torch.Tensor):
         super().__init__()
-        self.cls = nn.Parameter(torch.randn(config.num_keywords, width) * 0.02)
-        self.attention = nn.MultiheadAttention(width, config.num_heads, dropout=config.dropout, batch_first=True)
-        self.norm = nn.LayerNorm(width)
-        self.keywords = KeywordHead(width, clip, config, vocab_ids)
+        c = config.cascaded
+        self.cls = _cls(c.num_keywords, width)
+        self.attention = keyword_attention(width, c)
+        self.keywords = KeywordHead(width, clip, c, vocab_ids, keywords=c.num_keywords)
 
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP) -> KeywordOutput:
-        sequence, padding = _prepend(self.cls, frames, frame_mask)
-        queries = sequence[:, : self.cls.shape[0]]  # only the keyword tokens are read out
-        attended, _ = self.attention(queries, sequence, sequence, key_padding_mask=padding, need_weights=False)
-        return self.keywords(self.norm(queries + attended), clip)
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int = 0) -> SpeechOutput:
+        sequence, padding = prepend(self.cls, frames, frame_mask)
+        states = self.attention(sequence, padding, queries=self.cls.shape[0])
+        return SpeechOutput(None, self.keywords(states, clip))
 
 
 class HybridBranch(nn.Module):
-    """[CLS_p, CLS_1..K] + frames -> one shared Transformer layer; CLS_p feeds the parallel projection,
-    the K keyword states feed the cascaded keyword head (SpeechCLIP+ hybrid)."""
-
-    def __init__(self, width: int, clip: FrozenCLIP, parallel: ParallelConfig, cascaded: CascadedConfig, vocab_ids: torch.Tensor):
+    def __init__(self, width: int, clip: FrozenCLIP, config: SpeechCLIPConfig, vocab_ids: torch.Tensor):
         super().__init__()
-        self.cls = nn.Parameter(torch.randn(1 + cascaded.num_keywords, width) * 0.02)
-        self.encoder = nn.TransformerEncoder(_encoder_layer(width, parallel), parallel.num_layers, enable_nested_tensor=False)
-        self.projection = nn.Linear(width, clip.embed_dim)
-        self.keywords = KeywordHead(width, clip, cascaded, vocab_ids)
+        c, p = config.cascaded, config.parallel
+        self.parallel_cls = _cls(1, width)
+        self.cascaded_cls = _cls(c.num_keywords, width)
+        self.attention = keyword_attention(width, c)
+        self.projection = projection(width, clip.embed_dim, p.projection_hidden, p.projection_dropout)
+        self.keywords = KeywordHead(width, clip, c, vocab_ids, keywords=c.num_keywords)
 
-    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP) -> tuple[torch.Tensor, KeywordOutput]:
-        sequence, padding = _prepend(self.cls, frames, frame_mask)
-        states = _encode_queries(self.encoder, sequence, padding, self.cls.shape[0])
-        return self.projection(states[:, 0]), self.keywords(states[:, 1 : self.cls.shape[0]], clip)
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int = 0) -> SpeechOutput:
+        queries = 1 + self.cascaded_cls.shape[0]
+        sequence, padding = prepend(torch.cat([self.parallel_cls, self.cascaded_cls]), frames, frame_mask)
+        states = self.attention(sequence, padding, queries=queries)
+        return SpeechOutput(self.projection(states[:, 0]), self.keywords(states[:, 1:queries], clip))
+
+
+class CascadedPlusBranch(nn.Module):
+    def __init__(self, width: int, clip: FrozenCLIP, config: SpeechCLIPConfig, vocab_ids: torch.Tensor):
+        super().__init__()
+        self.attention = keyword_attention(width, config.cascaded)
+        self.cif = ContinuousIntegrateAndFire(width, config.cif)
+        self.keywords = KeywordHead(width, clip, config.cascaded, vocab_ids, keywords=None)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int = 0) -> SpeechOutput:
+        states = self.attention(frames, ~frame_mask)
+        return _fire_keywords(self, states, frame_mask, clip, step, parallel=None)
+
+
+class HybridPlusBranch(nn.Module):
+    def __init__(self, width: int, clip: FrozenCLIP, config: SpeechCLIPConfig, vocab_ids: torch.Tensor):
+        super().__init__()
+        p = config.parallel
+        self.cls = _cls(1, width)
+        self.attention = keyword_attention(width, config.cascaded)
+        self.projection = projection(width, clip.embed_dim, p.projection_hidden, p.projection_dropout)
+        self.cif = ContinuousIntegrateAndFire(width, config.cif)
+        self.keywords = KeywordHead(width, clip, config.cascaded, vocab_ids, keywords=None)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int = 0) -> SpeechOutput:
+        sequence, padding = prepend(self.cls, frames, frame_mask)
+        states = self.attention(sequence, padding)
+        return _fire_keywords(self, states[:, 1:], frame_mask, clip, step, parallel=self.projection(states[:, 0]))
+
+
+def _fire_keywords(branch: nn.Module, states: torch.Tensor, frame_mask: torch.Tensor, clip: FrozenCLIP, step: int,
+                   parallel: torch.Tensor | None) -> SpeechOutput:
+    """CIF over the attended frames -> a variable number of keywords -> the keyword path; in training also
+    CIF's quantity loss, weighted."""
+    fired = branch.cif(states, frame_mask, step)
+    output = SpeechOutput(parallel, branch.keywords(fired.keywords, clip, fired.lengths))
+    if branch.training:
+        output.aux_losses["quantity"] = branch.cif.config.quantity_loss_weight * branch.cif.quantity_loss(fired, frame_mask)
+    return output
+
+
+BRANCHES = {"parallel": ParallelBranch, "cascaded": CascadedBranch, "hybrid": HybridBranch,
+            "cascaded_plus": CascadedPlusBranch, "hybrid_plus": HybridPlusBranch}

@@ -71,18 +71,24 @@ class FrozenCLIP(nn.Module):
         mask = attention_mask.to(device) if attention_mask is not None else None
         return self.model.get_text_features(input_ids=input_ids.to(device), attention_mask=mask).pooler_output
 
-    def text_features_from_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, K, D_tok) subword embeddings -> (B, D_clip): wraps them as BOS k_1..k_K EOS, adds CLIP's
-        positional embeddings, runs the causal text transformer and projects the EOS state. Gradients flow
-        to `embeddings` (the frozen weights get none). Equals `get_text_features` on real tokens."""
+    def text_features_from_embeddings(self, embeddings: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, D_tok) subword embeddings -> (B, D_clip): wraps them as BOS k_1..k_n EOS, adds CLIP's
+        positional embeddings, runs the causal text transformer and projects the EOS state. `lengths` (B,)
+        gives n per row for a variable keyword count (default: all K); the causal mask keeps whatever follows
+        a row's EOS out of its result. Gradients flow to `embeddings` (the frozen weights get none). Equals
+        `get_text_features` on real tokens."""
         text = self.model.text_model
-        batch = embeddings.shape[0]
+        batch, count = embeddings.shape[:2]
         table = self.token_embedding
         bos = table[self.tokenizer.bos_token_id].expand(batch, 1, -1)
         eos = table[self.tokenizer.eos_token_id].expand(batch, 1, -1)
         sequence = torch.cat([bos, embeddings.to(table.dtype), eos], dim=1)
+        at = torch.full((batch,), count + 1, device=table.device) if lengths is None else lengths.to(table.device) + 1
+        if lengths is not None:
+            is_eos = torch.arange(count + 2, device=table.device)[None, :] == at[:, None]
+            sequence = torch.where(is_eos[..., None], eos, sequence)
         hidden = text.embeddings(inputs_embeds=sequence)
         mask = create_causal_mask(config=text.config, inputs_embeds=hidden, attention_mask=None, cache=None)
         hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
-        eos_state = text.final_layer_norm(hidden[:, -1])
+        eos_state = text.final_layer_norm(hidden[torch.arange(batch, device=hidden.device), at])
         return self.model.text_projection(eos_state)

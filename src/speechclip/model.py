@@ -6,7 +6,6 @@ The model returns embeddings and the logit scale, never the loss (that lives in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -16,48 +15,56 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .audio import AudioInput, pad_batch, to_waveform
-from .branches import CascadedBranch, HybridBranch, KeywordOutput, ParallelBranch
+from .branches import BRANCHES
 from .clip import FrozenCLIP
 from .config import ConfigError, SpeechCLIPConfig
 from .images import load_image
+from .outputs import KeywordOutput, SpeechOutput
 from .upstream import SpeechUpstream, WeightedLayerSum
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FROZEN_PREFIXES = ("upstream.model.", "clip.model.")
-
-
-@dataclass
-class SpeechOutput:
-    parallel: torch.Tensor | None  # (B, D_clip) parallel-branch embedding, unnormalised
-    cascaded: KeywordOutput | None  # cascaded-branch embedding and chosen keywords
-    # training-only auxiliary losses, already weighted (CIF's quantity loss); the trainer adds them
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @property
-    def embeds(self) -> torch.Tensor:
-        """The embedding used for retrieval: parallel when present (hybrid), else cascaded."""
-        return self.parallel if self.parallel is not None else self.cascaded.embeds
+__all__ = ["SpeechCLIP", "SpeechOutput", "KeywordOutput"]
 
 
 class SpeechCLIP(nn.Module):
     def __init__(self, config: SpeechCLIPConfig, upstream: SpeechUpstream | None = None, clip: FrozenCLIP | None = None):
         super().__init__()
         self.config = config
-        self.upstream = upstream or SpeechUpstream(config.upstream, config.normalize_waveform)
+        self.upstream = upstream or SpeechUpstream(config.upstream)
         self.clip = clip or FrozenCLIP(config.clip)
+        self._configure_upstream()
         width = self.upstream.hidden_size
         self.featurizer = WeightedLayerSum(self.upstream.num_hidden_states, width, config.normalize_hidden_states)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale_init)))
         self.logit_scale.requires_grad_(config.learn_logit_scale)
         self.training_step = 0  # set by the trainer each step (set_training_step)
-        vocab = self._keyword_vocab()
-        if config.variant == "parallel":
-            self.head = ParallelBranch(width, self.clip.embed_dim, config.parallel)
-        elif config.variant == "cascaded":
-            self.head = CascadedBranch(width, self.clip, config.cascaded, vocab)
-        else:
-            self.head = HybridBranch(width, self.clip, config.parallel, config.cascaded, vocab)
+        self._check_keyword_room()
+        vocab = self._keyword_vocab() if config.uses_cascaded else None
+        self.head = BRANCHES[config.variant](width, self.clip, config, vocab)
+
+    def _configure_upstream(self) -> None:
+        """Settings left None follow the upstream (a pre-norm Large model: normalised waveform and states);
+        the resolved values are written back, so config.json records what the model computes."""
+        config, upstream = self.config, self.upstream
+        if config.normalize_waveform is not None:
+            upstream.normalize_waveform = config.normalize_waveform
+        config.normalize_waveform = upstream.normalize_waveform
+        if config.normalize_hidden_states is None:
+            config.normalize_hidden_states = upstream.prenorm
+        try:
+            upstream.final_norm = config.upstream_final_norm
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+
+    def _check_keyword_room(self) -> None:
+        """BOS + keywords + EOS must fit CLIP's text positions."""
+        room = self.clip.max_text_tokens - 2
+        if self.config.uses_cif and self.config.cif.max_keywords > room:
+            raise ConfigError(f"cif.max_keywords={self.config.cif.max_keywords}: this CLIP reads at most {room} keywords")
+        if self.config.variant in ("cascaded", "hybrid") and self.config.cascaded.num_keywords > room:
+            raise ConfigError(f"cascaded.num_keywords={self.config.cascaded.num_keywords}: this CLIP reads at most {room} keywords")
 
     def _keyword_vocab(self) -> torch.Tensor:
         """Token ids the quantizer may pick; BOS, EOS and padding are never allowed."""
@@ -79,13 +86,7 @@ class SpeechCLIP(nn.Module):
     def forward_states(self, states: torch.Tensor, frame_mask: torch.Tensor) -> SpeechOutput:
         """From the frozen upstream's (L+1, B, T, D) hidden states and (B, T) valid mask: the trainable part
         alone (training reuses cached states when the upstream's input never changes)."""
-        frames = self.featurizer(states)
-        if self.config.variant == "parallel":
-            return SpeechOutput(self.head(frames, frame_mask), None)
-        if self.config.variant == "cascaded":
-            return SpeechOutput(None, self.head(frames, frame_mask, self.clip))
-        parallel, cascaded = self.head(frames, frame_mask, self.clip)
-        return SpeechOutput(parallel, cascaded)
+        return self.head(self.featurizer(states), frame_mask, self.clip, self.training_step)
 
     def set_training_step(self, step: int) -> None:
         """The optimiser step about to run: schedules inside the model (CIF's length scaling) follow it."""
@@ -114,7 +115,7 @@ class SpeechCLIP(nn.Module):
                 batch, lengths = pad_batch([waves[i] for i in rows])
                 output = self(batch.to(self.device), lengths.to(self.device))
                 for position, row in enumerate(rows):
-                    results[row] = _select(output, position)
+                    results[row] = output.row(position)
         finally:
             self.train(was_training)
         return [results[i] for i in range(len(waves))]
@@ -210,15 +211,3 @@ class SpeechCLIP(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
-
-
-def _select(output: SpeechOutput, row: int) -> SpeechOutput:
-    """One row of a batched output, kept as a batch of one."""
-    cascaded = None
-    if output.cascaded is not None:
-        c = output.cascaded
-        n = None if c.lengths is None else int(c.lengths[row])  # a lone utterance keeps only its own keywords
-        cascaded = KeywordOutput(c.embeds[row : row + 1], c.token_ids[row : row + 1, :n], c.similarity[row : row + 1, :n],
-                                 None if c.lengths is None else c.lengths[row : row + 1])
-    parallel = output.parallel[row : row + 1] if output.parallel is not None else None
-    return SpeechOutput(parallel, cascaded)

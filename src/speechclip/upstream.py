@@ -22,14 +22,19 @@ class SpeechUpstream(nn.Module):
     once per distinct length (length-grouped batches keep that cheap).
     """
 
-    def __init__(self, name_or_path: str, normalize_waveform: bool = False):
+    def __init__(self, name_or_path: str, normalize_waveform: bool | None = None, final_norm: bool = False):
         super().__init__()
         self.model = AutoModel.from_pretrained(name_or_path)
         self.name_or_path = name_or_path
-        self.normalize_waveform = normalize_waveform
         self.model.requires_grad_(False)
         self.model.eval()
+        # None = as the model was pre-trained: pre-norm (Large) models on zero-mean unit-variance waveforms
+        self.normalize_waveform = self.prenorm if normalize_waveform is None else bool(normalize_waveform)
+        self.final_norm = final_norm
         self._active_lengths: torch.Tensor | None = None
+        self._last_layer_output: torch.Tensor | None = None
+        if self.prenorm:
+            self.model.encoder.layers[-1].register_forward_hook(self._keep_last_layer_output)
         self._whole_model_per_length = self.model.config.model_type == "data2vec-audio"
         if getattr(self.model.config, "feat_extract_norm", "layer") == "group":
             self._run_conv_per_length()
@@ -37,6 +42,25 @@ class SpeechUpstream(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def prenorm(self) -> bool:
+        """Pre-norm ("stable layer norm") Transformer, as HuBERT / WavLM / wav2vec 2.0 Large: its last hidden
+        state passes through a final encoder LayerNorm that the official SpeechCLIP forward leaves out."""
+        return bool(getattr(self.model.config, "do_stable_layer_norm", False))
+
+    @property
+    def final_norm(self) -> bool:
+        return self._final_norm
+
+    @final_norm.setter
+    def final_norm(self, value: bool) -> None:
+        if value and not self.prenorm:
+            raise ValueError(f"upstream_final_norm: {self.name_or_path} is a post-norm model, it has no final LayerNorm")
+        self._final_norm = bool(value)
+
+    def _keep_last_layer_output(self, module: nn.Module, inputs: tuple, output) -> None:
+        self._last_layer_output = output[0] if isinstance(output, tuple) else output
 
     @property
     def num_hidden_states(self) -> int:
@@ -80,16 +104,26 @@ class SpeechUpstream(nn.Module):
         self._active_lengths = lengths
         try:
             output = self.model(waves, attention_mask=sample_mask.long(), output_hidden_states=True)
+            return self._stack(output)
         finally:
             self._active_lengths = None
-        return torch.stack(output.hidden_states)
+
+    def _stack(self, output) -> torch.Tensor:
+        """(L+1, B, T, D). A pre-norm model's last state is taken from its last layer (before the final
+        LayerNorm) or, with `final_norm`, after it: transformers versions differ in which one
+        `hidden_states[-1]` holds, so neither is left to it."""
+        states = list(output.hidden_states)
+        if self.prenorm:
+            states[-1] = output.last_hidden_state if self.final_norm else self._last_layer_output
+        self._last_layer_output = None
+        return torch.stack(states)
 
     def _states_per_length(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         frames = int(self.frame_lengths(lengths.max()))
         states = None
         for length, rows in _rows_by_length(lengths):
             output = self.model(waves[rows, :length], output_hidden_states=True)
-            group = torch.stack(output.hidden_states)
+            group = self._stack(output)
             if states is None:
                 states = group.new_zeros(group.shape[0], len(lengths), frames, group.shape[-1])
             states[:, rows.to(group.device), : group.shape[2]] = group
@@ -120,11 +154,12 @@ def _rows_by_length(lengths: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
 
 
 def _normalize(waves: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over each clip's valid samples (what Large upstreams were trained on)."""
+    """Zero mean, unit variance over each clip's valid samples: `F.layer_norm(wave, wave.shape)` per clip (eps
+    1e-5), as fairseq pre-trained HuBERT Large and as SpeechCLIP / SpeechCLIP+ feed their upstreams."""
     count = mask.sum(1, keepdim=True).clamp(min=1)
     mean = (waves * mask).sum(1, keepdim=True) / count
     var = (((waves - mean) * mask) ** 2).sum(1, keepdim=True) / count
-    return ((waves - mean) / torch.sqrt(var + 1e-7)) * mask
+    return ((waves - mean) / torch.sqrt(var + 1e-5)) * mask
 
 
 class WeightedLayerSum(nn.Module):
