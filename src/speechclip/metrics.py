@@ -1,65 +1,153 @@
-"""Retrieval recall@K (the paper's protocols) and keyword hit rate, each with its chance level."""
+"""Retrieval recall@K (the paper's protocols) and keyword hit rate, each with its chance level.
+
+Bounded memory at any size (SpokenCOCO test: 25,000 captions x 5,000 images, and 25,000 x 25,000 for
+zero-shot text): relevance is "same label" (a caption's image row, a transcript's id), never a matrix of
+pairs; similarities are computed for a chunk of queries at a time; and a query's rank is counted (how many
+keys score above its best relevant key), never sorted.
+
+Ties: an item tied with the best relevant key is ranked before or after it at random, and the recall we
+report is the exact expectation over that draw. Without ties this is the plain recall; with a collapsed
+model (every score equal) it is the chance level, not 100 % (which "count only strictly higher scores"
+would give) nor an artefact of the sort's order (which argsort, not stable on CPU, gave before).
+"""
 
 from __future__ import annotations
 
-from math import comb
-from typing import Sequence
+from math import comb, nan
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 KS = (1, 5, 10)
+CHUNK_ELEMENTS = 1 << 24  # similarity entries held at once (64 MB of float32), whatever the collection size
 
-
-def _hits(similarity: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """similarity (Q, N), relevant (Q, N) bool -> fraction of queries with a relevant item in the top K."""
-    order = similarity.argsort(dim=1, descending=True)
-    ranked = relevant.gather(1, order)
-    first = torch.where(ranked.any(1), ranked.float().argmax(1), torch.full((len(ranked),), ranked.shape[1]))
-    return {k: float((first < k).float().mean()) for k in ks}
-
-
-def _chance(relevant: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Expected recall@K of a random ranking: 1 - C(N - r, K) / C(N, K) per query, averaged."""
-    n = relevant.shape[1]
-    counts = relevant.sum(1).tolist()
-    return {k: sum(1 - comb(n - r, k) / comb(n, k) for r in counts) / len(counts) for k in ks}
+RelevantRows = Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, N) bool
 
 
 def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, dict[int, float]]:
-    """Cosine-similarity retrieval of `keys` by `queries`; returns {"recall": {K: r}, "chance": {K: r}}."""
-    similarity = F.normalize(queries.float(), dim=-1) @ F.normalize(keys.float(), dim=-1).T
-    ks = [k for k in ks if k <= keys.shape[0]]
-    return {"recall": _hits(similarity, relevant, ks), "chance": _chance(relevant, ks)}
+    """Cosine retrieval of `keys` (N, D) by `queries` (Q, D) with a dense (Q, N) bool relevance matrix;
+    returns {"recall": {K: r}, "chance": {K: r}}. For large collections use `recall_by_labels`."""
+    if relevant.shape != (len(queries), len(keys)):
+        raise ValueError(f"relevant: expected shape {(len(queries), len(keys))}, got {tuple(relevant.shape)}")
+    relevant = relevant.bool()
+    return _recall(queries, keys, lambda start, stop: relevant[start:stop], relevant.sum(1), ks)
+
+
+def recall_by_labels(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
+                     ks: Sequence[int] = KS) -> dict[str, dict[int, float]]:
+    """As `recall_at_k`, with key j relevant to query i when key_labels[j] == query_labels[i] (integers)."""
+    query_labels, key_labels = torch.as_tensor(query_labels).long(), torch.as_tensor(key_labels).long()
+    if query_labels.shape != (len(queries),) or key_labels.shape != (len(keys),):
+        raise ValueError(f"labels: expected ({len(queries)},) query and ({len(keys)},) key labels, "
+                         f"got {tuple(query_labels.shape)} and {tuple(key_labels.shape)}")
+    rows = lambda start, stop: query_labels[start:stop, None] == key_labels[None, :]  # noqa: E731
+    return _recall(queries, keys, rows, _label_counts(query_labels, key_labels), ks)
+
+
+def _label_counts(query_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """Per query, how many keys share its label."""
+    _, inverse = torch.unique(torch.cat([query_labels, key_labels]), return_inverse=True)
+    per_label = torch.bincount(inverse[len(query_labels):], minlength=int(inverse.max()) + 1 if len(inverse) else 0)
+    return per_label[inverse[: len(query_labels)]]
+
+
+def _recall(queries: torch.Tensor, keys: torch.Tensor, relevant_rows: RelevantRows, counts: torch.Tensor,
+            ks: Sequence[int]) -> dict[str, dict[int, float]]:
+    keys = F.normalize(keys.float(), dim=-1)
+    ks = [k for k in ks if k <= len(keys)]
+    totals = torch.zeros(len(ks), dtype=torch.float64)
+    step = max(1, CHUNK_ELEMENTS // max(1, len(keys)))
+    for start in range(0, len(queries), step):
+        stop = min(start + step, len(queries))
+        scores = F.normalize(queries[start:stop].float(), dim=-1) @ keys.T
+        totals += _hit_probability(scores, relevant_rows(start, stop), ks).sum(0)
+    recall = {k: float(t) / max(1, len(queries)) for k, t in zip(ks, totals)}
+    return {"recall": recall, "chance": _chance(counts, len(keys), ks)}
+
+
+def _hit_probability(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """(B, N) scores and relevance -> (B, len(ks)) probability that a relevant key is in the top K, ties
+    broken at random: `above` keys score higher than the best relevant key, and the `tied` keys sharing
+    its score (of which `tied_relevant` are relevant) fill the K - above places left in random order."""
+    best = scores.masked_fill(~relevant, float("-inf")).amax(1, keepdim=True)
+    above = (scores > best).sum(1).double()
+    tied_mask = scores == best
+    tied = tied_mask.sum(1).double()
+    tied_relevant = (tied_mask & relevant).sum(1).double()
+    found = relevant.any(1)
+    columns = []
+    for k in ks:
+        places = k - above  # places in the top K left for the tied group
+        miss = torch.ones_like(places)  # P(no relevant key among the first `places` tied ones)
+        for i in range(k):
+            factor = torch.where(tied - tied_relevant - i > 0, (tied - tied_relevant - i) / (tied - i).clamp(min=1), 0.0)
+            miss = torch.where(places > i, miss * factor, miss)
+        columns.append(torch.where(found & (places > 0), 1 - miss, 0.0))
+    return torch.stack(columns, 1)
+
+
+def _chance(counts: torch.Tensor, n: int, ks: Sequence[int]) -> dict[int, float]:
+    """Expected recall@K of a random ranking: 1 - C(N - r, K) / C(N, K) per query, averaged (in query
+    order, as before; each distinct r is computed once)."""
+    values = [int(r) for r in counts.tolist()]
+    result = {}
+    for k in ks:
+        table = {r: 1 - comb(n - r, k) / comb(n, k) for r in set(values)}
+        result[k] = sum(table[r] for r in values) / len(values) if values else nan
+    return result
 
 
 def speech_image_retrieval(speech: torch.Tensor, images: torch.Tensor, caption_image: torch.Tensor, ks: Sequence[int] = KS) -> dict:
     """speech (M, D) captions, images (N, D) unique images, caption_image (M,) index of each caption's image.
 
     speech->image: each caption ranks the N images. image->speech: each image ranks the M captions and
-    scores a hit when any of its own captions (5 on Flickr8k) is in the top K.
+    scores a hit when any of its own captions (5 on Flickr8k and SpokenCOCO) is in the top K.
     """
-    relevant = caption_image[:, None] == torch.arange(len(images))[None, :]
-    return {"speech_to_image": recall_at_k(speech, images, relevant, ks),
-            "image_to_speech": recall_at_k(images, speech, relevant.T, ks)}
+    caption_image = torch.as_tensor(caption_image).long()
+    rows = torch.arange(len(images))
+    return {"speech_to_image": recall_by_labels(speech, images, caption_image, rows, ks),
+            "image_to_speech": recall_by_labels(images, speech, rows, caption_image, ks)}
+
+
+def transcript_ids(transcripts: Sequence[str]) -> torch.Tensor:
+    """One integer per distinct transcript, after lowercasing and collapsing whitespace: (M,) long."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(" ".join(t.lower().split()), len(ids)) for t in transcripts], dtype=torch.long)
 
 
 def speech_text_retrieval(speech: torch.Tensor, texts: torch.Tensor, transcripts: Sequence[str], ks: Sequence[int] = KS) -> dict:
     """Zero-shot: speech (M, D) against CLIP text embeddings (M, D) of the M transcripts. A transcript that
     occurs several times counts as right for each of its utterances (synthetic captions repeat)."""
-    normalized = [" ".join(t.lower().split()) for t in transcripts]
-    relevant = torch.tensor([[a == b for b in normalized] for a in normalized])
-    return {"speech_to_text": recall_at_k(speech, texts, relevant, ks),
-            "text_to_speech": recall_at_k(texts, speech, relevant.T, ks)}
+    labels = transcript_ids(transcripts)
+    return {"speech_to_text": recall_by_labels(speech, texts, labels, labels, ks),
+            "text_to_speech": recall_by_labels(texts, speech, labels, labels, ks)}
 
 
 def keyword_hit_rate(keywords: Sequence[Sequence[Sequence[int]]], caption_tokens: Sequence[set[int]], vocab_size: int) -> dict:
-    """keywords[i][k] = the top subword ids of keyword slot k for utterance i; caption_tokens[i] = the
-    CLIP-BPE token ids of its caption. A slot hits when any of its subwords is in the caption.
-    Chance: the same number of subwords drawn at random from the VQ vocabulary."""
-    slots = len(keywords[0])
-    hits = torch.tensor([[bool(set(slot) & tokens) for slot in row] for row, tokens in zip(keywords, caption_tokens)], dtype=torch.float)
-    shown = len(keywords[0][0])
-    chance = sum(1 - comb(vocab_size - len(t), shown) / comb(vocab_size, shown) for t in caption_tokens) / len(caption_tokens)
-    return {"hit_rate": float(hits.mean()), "per_keyword": [float(h) for h in hits.mean(0)], "chance": chance,
-            "keywords": slots}
+    """keywords[i][k] = the top subword ids of keyword k of utterance i (nested lists [B][K_i][top_k]: K_i is
+    fixed for the cascaded model and varies per utterance for the CIF variants); caption_tokens[i] = the
+    CLIP-BPE token ids of its caption. A keyword hits when any of its subwords is in the caption.
+
+    hit_rate: over all keywords; per_keyword[p]: over the utterances with a p-th keyword (how many:
+    per_keyword_count); mean_keywords: keywords per utterance. Chance: per keyword, the same number of
+    subwords drawn at random from the VQ vocabulary, averaged like hit_rate.
+    """
+    if len(keywords) != len(caption_tokens):
+        raise ValueError(f"keywords: {len(keywords)} utterances, caption_tokens: {len(caption_tokens)}")
+    slots = max((len(row) for row in keywords), default=0)
+    hits, counts, chance_sum, chances = [0] * slots, [0] * slots, 0.0, {}
+    for row, tokens in zip(keywords, caption_tokens):
+        tokens = set(tokens)
+        for position, slot in enumerate(row):
+            counts[position] += 1
+            hits[position] += bool(tokens.intersection(slot))
+            key = (len(tokens), len(slot))
+            if key not in chances:
+                chances[key] = 1 - comb(vocab_size - key[0], key[1]) / comb(vocab_size, key[1])
+            chance_sum += chances[key]
+    total = sum(counts)
+    return {"hit_rate": sum(hits) / total if total else nan, "chance": chance_sum / total if total else nan,
+            "per_keyword": [h / c for h, c in zip(hits, counts)], "per_keyword_count": counts,
+            "keywords": slots, "mean_keywords": total / len(keywords) if keywords else nan,
+            "total_keywords": total, "utterances": len(keywords)}
