@@ -1,11 +1,10 @@
-"""The CLI's embed / keywords / index / search / eval commands, and the HTTP API, on a tiny checkpoint."""
+"""The CLI's embed / keywords / index / search commands and `serve`'s arguments, on a tiny checkpoint
+(the server itself: tests/test_serve_app.py over HTTP in process, tests/test_serve_live.py in a browser)."""
 
-import io
 import json
+from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 
 from speechclip.cli import main
@@ -42,29 +41,34 @@ def test_cli_reports_bad_input_plainly(checkpoint, tmp_path, capsys):
     assert "nope.wav: no such audio file" in capsys.readouterr().err
 
 
-def _wav_bytes(seconds: float = 0.5, rate: int = 22050) -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.random.default_rng(0).standard_normal(int(rate * seconds)).astype(np.float32) * 0.1, rate, format="WAV")
-    return buffer.getvalue()
+def test_serve_without_the_demo_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/demo here
+    with pytest.raises(SystemExit) as stop:
+        main(["serve"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run `speechclip demo` first" in err and "runs/demo" in err
 
 
-def test_http_api(checkpoint):
-    from fastapi.testclient import TestClient
+def test_serve_needs_both_checkpoint_and_images(checkpoint):
+    with pytest.raises(SystemExit, match="give both --checkpoint and --images"):
+        main(["serve", "--checkpoint", str(checkpoint)])
 
-    from speechclip.index import EmbeddingIndex
-    from speechclip.serve import create_app
 
-    model = SpeechCLIP.from_pretrained(checkpoint)
-    vectors = model.encode_text(["a red circle", "two blue squares", "a green star"]).numpy()
-    client = TestClient(create_app(model, EmbeddingIndex.build(vectors, ["red", "blue", "green"], "flat")))
-    assert "speechclip" in client.get("/").text
-    speech = client.post("/embed/speech", files={"audio": ("q.wav", _wav_bytes(), "audio/wav")}).json()
-    assert len(speech["embedding"]) == model.clip.embed_dim
-    assert len(client.post("/embed/text", json={"texts": ["a", "b"]}).json()["embeddings"]) == 2
-    found = client.post("/search", data={"text": "two blue squares", "k": "2"}).json()
-    assert found["results"][0]["id"] == "blue" and len(found["results"]) == 2
-    spoken = client.post("/search", files={"audio": ("q.wav", _wav_bytes(), "audio/wav")}, data={"k": "3"}).json()
-    assert len(spoken["results"]) == 3 and len(spoken["keywords"]) == 4
-    bad = client.post("/keywords", files={"audio": ("bad.wav", b"not a wav", "audio/wav")})
-    assert bad.status_code == 422 and "bad.wav: unreadable audio" in bad.json()["detail"]
-    assert client.post("/search", data={"k": "3"}).status_code == 422
+def test_serve_uses_the_finished_demo_by_default(checkpoint, tmp_path, monkeypatch):
+    """No arguments: the demo's model, its corpus's images and its test clips, whatever the folder layout."""
+    import shutil
+
+    from speechclip.serve import run
+
+    demo = tmp_path / "runs" / "demo"
+    shutil.copytree(checkpoint, demo / "runs" / "pretrained" / "final")
+    (demo / "corpus" / "images").mkdir(parents=True)
+    (demo / "corpus" / "test.jsonl").write_text("")
+    served = {}
+    monkeypatch.setattr(run, "serve", lambda sources, **kw: served.update(sources=sources, **kw))
+    monkeypatch.chdir(tmp_path)
+    main(["serve", "--port", "8123"])
+    assert served["sources"] == run.Sources(Path("runs/demo/runs/pretrained/final"), Path("runs/demo/corpus/images"),
+                                            Path("runs/demo/corpus/test.jsonl"))
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123

@@ -108,9 +108,18 @@ def cmd_search(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .serve import serve
+    from .serve.run import Sources, demo_sources, serve
+    from .serve.search import Limits
 
-    serve(Path(args.checkpoint), Path(args.index) if args.index else None, host=args.host, port=args.port)
+    if args.checkpoint is None and args.images is None:
+        sources = demo_sources()  # the finished demo, or one line naming `speechclip demo`
+    elif args.checkpoint is None or args.images is None:
+        raise SystemExit("speechclip serve: give both --checkpoint and --images (or neither, for the demo)")
+    else:
+        sources = Sources(Path(args.checkpoint), Path(args.images), Path(args.clips) if args.clips else None)
+    limits = Limits(max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
+                    workers=args.workers, queue=args.queue)
+    serve(sources, host=args.host, port=args.port, limits=limits, cache=Path(args.cache) if args.cache else None)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -190,11 +199,17 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10)
     search.set_defaults(func=cmd_search)
 
-    serve = sub.add_parser("serve", help="HTTP API + web page")
-    serve.add_argument("--checkpoint", required=True)
-    serve.add_argument("--index")
+    serve = sub.add_parser("serve", help="search pictures by voice: web page + HTTP API (no arguments: the demo)")
+    serve.add_argument("--checkpoint", help="a SpeechCLIP folder (default: the demo's, runs/demo/runs/pretrained/final)")
+    serve.add_argument("--images", help="a folder of images, indexed once and cached in DIR/.speechclip")
+    serve.add_argument("--clips", help="spoken clips for image -> speech: a folder of audio files or a .jsonl/.csv manifest")
+    serve.add_argument("--cache", help="where to keep embeddings, indexes and thumbnails (default: beside the data)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="inference threads (torch already uses every core)")
+    serve.add_argument("--queue", type=int, default=32, help="queries that may wait for a worker; beyond: 503")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0)
+    serve.add_argument("--max-audio-seconds", type=float, default=60.0)
     serve.set_defaults(func=cmd_serve)
     return parser
 
