@@ -2,10 +2,11 @@
 # Installs everything speechclip needs on a fresh Debian machine: system packages (espeak-ng for the
 # offline corpus's speech, librsvg2-bin + openclipart-svg for its clip-art images) and a virtual
 # environment in .venv (wamerican: an English word list that filters clip-art titles) with the CPU torch wheel pinned, so no multi-GB CUDA build is pulled.
+# chromium: the browser the page's tests drive headless through Playwright (no browser download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng librsvg2-bin openclipart-svg wamerican)
+APT_PACKAGES=(espeak-ng librsvg2-bin openclipart-svg wamerican chromium)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
