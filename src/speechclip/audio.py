@@ -55,15 +55,29 @@ def check_waveform(samples: np.ndarray, name: str, allow_silence: bool = True) -
 
 
 def to_waveform(audio: AudioInput, name: str = "audio") -> torch.Tensor:
-    """Turn a path, numpy array or tensor (already 16 kHz) into a float32 1-D tensor."""
+    """Turn a path, numpy array or tensor (already 16 kHz) into a float32 1-D tensor. Integer PCM (int16,
+    int32, uint8) is scaled to [-1, 1) as soundfile reads it; other non-float types are refused."""
     if isinstance(audio, (str, Path)):
         return torch.from_numpy(load_audio(audio))
     if isinstance(audio, torch.Tensor):
         audio = audio.detach().cpu().numpy()
-    array = np.asarray(audio, dtype=np.float32)
+    array = _as_float(np.asarray(audio), name)
     if array.ndim == 2 and 1 in array.shape:
         array = array.reshape(-1)
     return torch.from_numpy(check_waveform(array, name).copy())
+
+
+_PCM_SCALE = {np.dtype(np.int16): 32768.0, np.dtype(np.int32): 2147483648.0, np.dtype(np.int8): 128.0}
+
+
+def _as_float(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype.kind == "f":
+        return array.astype(np.float32, copy=False)
+    if array.dtype in _PCM_SCALE:
+        return (array / _PCM_SCALE[array.dtype]).astype(np.float32)
+    if array.dtype == np.uint8:  # 8-bit WAV PCM is unsigned, centred on 128
+        return ((array.astype(np.float32) - 128.0) / 128.0).astype(np.float32)
+    raise AudioError(f"{name}: expected float or integer PCM samples, got dtype {array.dtype}")
 
 
 def pad_batch(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,21 +9,20 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .audio import AudioInput, pad_batch, to_waveform
+from .audio import AudioError, AudioInput, pad_batch, to_waveform
 from .branches import BRANCHES
+from .checkpoint import check_fingerprints, encoder_location, fingerprint, read_config, read_weights, write_checkpoint
 from .clip import FrozenCLIP
 from .config import ConfigError, SpeechCLIPConfig
 from .images import load_image
 from .outputs import KeywordOutput, SpeechOutput
 from .upstream import SpeechUpstream, WeightedLayerSum
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 FROZEN_PREFIXES = ("upstream.model.", "clip.model.")
 __all__ = ["SpeechCLIP", "SpeechOutput", "KeywordOutput"]
 
@@ -102,9 +101,10 @@ class SpeechCLIP(nn.Module):
         return self.logit_scale.device
 
     @torch.no_grad()
-    def speech_outputs(self, audio: Sequence[AudioInput], batch_size: int = 16) -> list[SpeechOutput]:
-        """Run the model over clips in batches of similar length (less padding), in input order."""
-        waves = [to_waveform(item, name=f"audio[{i}]") for i, item in enumerate(audio)]
+    def speech_outputs(self, audio: AudioInput | Sequence[AudioInput], batch_size: int = 16) -> list[SpeechOutput]:
+        """Run the model over clips in batches of similar length (less padding), in input order. A single
+        path, string or 1-D array is one clip."""
+        waves = [self._waveform(item, i) for i, item in enumerate(_clips(audio))]
         order = sorted(range(len(waves)), key=lambda i: waves[i].numel())
         was_training = self.training
         self.eval()
@@ -120,36 +120,62 @@ class SpeechCLIP(nn.Module):
             self.train(was_training)
         return [results[i] for i in range(len(waves))]
 
-    def encode_speech(self, audio: Sequence[AudioInput], batch_size: int = 16, normalize: bool = True, branch: str | None = None) -> torch.Tensor:
-        """Clips (paths, numpy arrays or tensors at 16 kHz) -> (N, D_clip). `branch` picks parallel or
-        cascaded embeddings of a hybrid model; by default the parallel one."""
+    def _waveform(self, item: AudioInput, index: int) -> torch.Tensor:
+        name = str(item) if isinstance(item, (str, Path)) else f"audio[{index}]"
+        wave = to_waveform(item, name=name)
+        if wave.numel() < self.upstream.min_samples:
+            raise AudioError(f"{name}: too short ({wave.numel()} samples); the upstream needs at least "
+                             f"{self.upstream.min_samples} ({self.upstream.min_samples / 16:.0f} ms at 16 kHz)")
+        return wave
+
+    def encode_speech(self, audio: AudioInput | Sequence[AudioInput], batch_size: int = 16, normalize: bool = True,
+                      branch: str | None = None) -> torch.Tensor:
+        """Clips (paths, numpy arrays or tensors at 16 kHz) -> (N, D_clip). `branch` picks "parallel" or
+        "cascaded" embeddings of a hybrid model; by default the parallel one."""
+        if branch not in (None, "parallel", "cascaded"):
+            raise ValueError(f"branch: expected 'parallel' or 'cascaded', got {branch!r}")
+        if branch == "cascaded" and not self.config.uses_cascaded:
+            raise ValueError(f"branch='cascaded' needs a model with keywords; this one is {self.config.variant}")
+        if branch == "parallel" and not self.config.uses_parallel:
+            raise ValueError(f"branch='parallel' needs a parallel or hybrid model; this one is {self.config.variant}")
         outputs = self.speech_outputs(audio, batch_size)
-        if branch == "cascaded":
-            if not self.config.uses_cascaded:
-                raise ValueError("branch='cascaded' needs a cascaded or hybrid model")
-            embeds = torch.cat([o.cascaded.embeds for o in outputs])
-        else:
-            embeds = torch.cat([o.embeds for o in outputs])
+        if not outputs:
+            return torch.zeros(0, self.clip.embed_dim)
+        pick = (lambda o: o.cascaded.embeds) if branch == "cascaded" else (lambda o: o.embeds)
+        embeds = torch.cat([pick(o) for o in outputs])
         return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
 
     @torch.no_grad()
-    def encode_image(self, images: Sequence[Image.Image | str | Path], normalize: bool = True) -> torch.Tensor:
-        """PIL images or image paths -> (N, D_clip)."""
-        pil = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+    def encode_image(self, images: Image.Image | str | Path | Sequence[Image.Image | str | Path], normalize: bool = True) -> torch.Tensor:
+        """PIL images or image paths -> (N, D_clip). A single image or path is one item."""
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        if not items:
+            return torch.zeros(0, self.clip.embed_dim)
+        pil = [load_image(i) if isinstance(i, (str, Path)) else i for i in items]
         embeds = self.clip.image_features(self.clip.preprocess_images(pil))
         return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
 
     @torch.no_grad()
-    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
-        """Strings -> (N, D_clip) CLIP text embeddings (for zero-shot speech<->text retrieval)."""
+    def encode_text(self, texts: str | Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """Strings -> (N, D_clip) CLIP text embeddings (for zero-shot speech<->text retrieval). A single
+        string is one text (not a sequence of characters)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"texts[{bad[0]}]: expected a string, got {type(texts[bad[0]]).__name__}")
+        if not texts:
+            return torch.zeros(0, self.clip.embed_dim)
         tokens = self.clip.tokenize(texts)
         embeds = self.clip.text_features(tokens["input_ids"], tokens["attention_mask"])
         return nn.functional.normalize(embeds, dim=-1) if normalize else embeds
 
-    def keywords(self, audio: Sequence[AudioInput], top_k: int | None = None) -> list[list[list[tuple[str, float]]]]:
-        """For each clip, each of the K keyword slots: its `top_k` nearest CLIP subwords with cosine scores."""
+    def keywords(self, audio: AudioInput | Sequence[AudioInput], top_k: int | None = None) -> list[list[list[tuple[str, float]]]]:
+        """For each clip, each keyword slot (K fixed, or as many as CIF fired): its `top_k` nearest CLIP
+        subwords with cosine scores."""
         if not self.config.uses_cascaded:
-            raise ValueError("keywords() needs a cascaded or hybrid model; this one is parallel")
+            raise ValueError("keywords() needs a model with keywords (cascaded, hybrid or a *_plus variant); this one is parallel")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r}: must be an integer >= 1")
         result = []
         for output in self.speech_outputs(audio):
             ids, scores = self.nearest_subwords(output, top_k)
@@ -179,25 +205,26 @@ class SpeechCLIP(nn.Module):
         """Everything but the frozen encoders: layer weights, heads, BatchNorm statistics, temperature."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
+    def encoder_fingerprints(self) -> dict[str, str]:
+        return {"upstream": fingerprint(self.upstream.model), "clip": fingerprint(self.clip.model)}
+
     def save_pretrained(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.save(folder / CONFIG_NAME)
-        save_file({k: v.cpu() for k, v in self.trainable_state_dict().items()}, str(folder / WEIGHTS_NAME))
-        return folder
+        """config.json + model.safetensors; local encoder folders are recorded relative to `folder`."""
+        return write_checkpoint(Path(folder), self.config, self.trainable_state_dict(), self.encoder_fingerprints())
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, upstream: str | None = None, clip: str | None = None) -> "SpeechCLIP":
-        """Load a `save_pretrained` folder; `upstream`/`clip` override where the frozen encoders are read."""
+    def from_pretrained(cls, folder: str | Path, upstream: str | None = None, clip: str | None = None,
+                        check_encoders: bool = True) -> "SpeechCLIP":
+        """Load a `save_pretrained` folder. `upstream`/`clip` override where the frozen encoders are read;
+        encoders other than the ones the heads were trained on are refused unless `check_encoders=False`."""
         folder = Path(folder)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name}: missing; a SpeechCLIP checkpoint folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = SpeechCLIPConfig.load(folder / CONFIG_NAME)
-        config.upstream = upstream or config.upstream
-        config.clip = clip or config.clip
+        config, fingerprints = read_config(folder)
+        config.upstream = upstream or encoder_location(config.upstream, folder, "upstream")
+        config.clip = clip or encoder_location(config.clip, folder, "clip")
         model = cls(config)
-        model.load_trainable(load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
+        if check_encoders:
+            check_fingerprints(folder, fingerprints, model.encoder_fingerprints())
+        model.load_trainable(read_weights(folder, model.trainable_state_dict()))
         return model.eval()
 
     def load_trainable(self, weights: dict[str, torch.Tensor], source: str = "weights") -> None:
@@ -211,3 +238,12 @@ class SpeechCLIP(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
+
+
+def _clips(audio: AudioInput | Sequence[AudioInput]) -> list[AudioInput]:
+    """A single clip (path, string, 1-D array or tensor) as a list of one; a sequence as a list."""
+    if isinstance(audio, (str, Path)):
+        return [audio]
+    if isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim == 1:
+        return [audio]
+    return list(audio)
