@@ -62,6 +62,13 @@ def clip_folder(tmp_path_factory) -> tuple[dict, str]:
     return state, str(folder)
 
 
+@pytest.fixture(scope="module")
+def frozen_clip(clip_folder) -> tuple[dict, FrozenCLIP]:
+    """The converted folder loaded as the library loads a CLIP (once for the module)."""
+    state, folder = clip_folder
+    return state, FrozenCLIP(folder)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_hubert_every_key_is_consumed_and_config_read_from_shapes(layout):
     layer_norm_first = LAYOUTS[layout]
@@ -164,9 +171,8 @@ def test_clip_unknown_key_wrong_shape_and_half_precision():
     assert fc1.dtype == torch.float32 and torch.equal(fc1, half[CLIP_PREFIX + "visual.transformer.resblocks.0.mlp.c_fc.weight"].float())
 
 
-def test_clip_features_equal_the_openai_forward(clip_folder):
-    state, folder = clip_folder
-    clip = FrozenCLIP(folder)
+def test_clip_features_equal_the_openai_forward(frozen_clip):
+    state, clip = frozen_clip
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(clip.image_features(pixels), reference_openai_image_features(state, pixels), rtol=0, atol=TOL)
     sentences = ["a photo of a dog", "two people riding bikes down a hill", "a red circle"]
@@ -183,9 +189,8 @@ def test_clip_features_equal_the_openai_forward(clip_folder):
                                reference_openai_text_features(state, ids), rtol=0, atol=TOL)
 
 
-def test_clip_image_processor_is_openai_preprocessing(clip_folder):
-    _, folder = clip_folder
-    clip = FrozenCLIP(folder)
+def test_clip_image_processor_is_openai_preprocessing(frozen_clip):
+    _, clip = frozen_clip
     processor = clip.image_processor
     assert processor.size == {"shortest_edge": 32} and processor.crop_size == {"height": 32, "width": 32}
     assert int(processor.resample) == int(Image.Resampling.BICUBIC)

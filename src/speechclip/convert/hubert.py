@@ -110,12 +110,13 @@ def check_against_model(model: nn.Module, state: dict[str, Tensor], origin: dict
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def _indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
+def layer_indices(state: Mapping[str, Tensor], pattern: str) -> list[int]:
     """Sorted distinct layer numbers N of the keys fully matching `pattern` (which captures N)."""
     return sorted({int(m.group(1)) for key in state if (m := re.fullmatch(pattern, key))})
 
 
-def _tensor(state: Mapping[str, Tensor], prefix: str, name: str, source: str) -> Tensor:
+def require_tensor(state: Mapping[str, Tensor], prefix: str, name: str, source: str) -> Tensor:
+    """The tensor a config size is read from; its absence is named, not a KeyError."""
     if prefix + name not in state:
         raise ConversionError(f"{source}: {prefix}{name}: missing (needed to derive the model's shape)")
     return state[prefix + name]
@@ -124,19 +125,19 @@ def _tensor(state: Mapping[str, Tensor], prefix: str, name: str, source: str) ->
 def hubert_config_from_state(state: Mapping[str, Tensor], prefix: str, layer_norm_first: bool, source: str) -> HubertConfig:
     """The HF config, every size read from the tensors (what fairseq's checkpoint cfg would say)."""
     p = re.escape(prefix)
-    convs = _indices(state, p + r"feature_extractor\.conv_layers\.(\d+)\.0\.weight")
+    convs = layer_indices(state, p + r"feature_extractor\.conv_layers\.(\d+)\.0\.weight")
     if convs != list(range(len(HUBERT_CONV_STRIDES))):
         raise ConversionError(f"{source}: {prefix}feature_extractor.conv_layers: expected 7 conv layers, found {convs}")
-    conv = [_tensor(state, prefix, f"feature_extractor.conv_layers.{i}.0.weight", source) for i in convs]
+    conv = [require_tensor(state, prefix, f"feature_extractor.conv_layers.{i}.0.weight", source) for i in convs]
     layer_norm_convs = prefix + "feature_extractor.conv_layers.0.2.1.weight" in state
-    layers = _indices(state, p + r"encoder\.layers\.(\d+)\.fc1\.weight")
-    hidden = _tensor(state, prefix, "post_extract_proj.weight", source).shape[0]
-    pos = _tensor(state, prefix, "encoder.pos_conv.0.weight_v", source)
+    layers = layer_indices(state, p + r"encoder\.layers\.(\d+)\.fc1\.weight")
+    hidden = require_tensor(state, prefix, "post_extract_proj.weight", source).shape[0]
+    pos = require_tensor(state, prefix, "encoder.pos_conv.0.weight_v", source)
     return HubertConfig(
         hidden_size=hidden,
         num_hidden_layers=len(layers),
         num_attention_heads=hidden // HEAD_DIM,
-        intermediate_size=_tensor(state, prefix, "encoder.layers.0.fc1.weight", source).shape[0],
+        intermediate_size=require_tensor(state, prefix, "encoder.layers.0.fc1.weight", source).shape[0],
         conv_dim=tuple(w.shape[0] for w in conv),
         conv_kernel=tuple(w.shape[2] for w in conv),
         conv_stride=HUBERT_CONV_STRIDES,

@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from .errors import ConversionError
-from .hubert import Rule, _indices, _tensor, apply_name_table, check_against_model
+from .hubert import Rule, apply_name_table, check_against_model, layer_indices, require_tensor
 
 HEAD_DIM = 64  # OpenAI's build_model: heads = width // 64 in both towers
 CONTEXT_LENGTH = 77
@@ -64,18 +64,18 @@ CLIP_DROPPED: tuple[str, ...] = ()  # everything under clip.model. is model
 
 def clip_config_from_state(state: Mapping[str, Tensor], prefix: str, vocab_size: int, source: str) -> CLIPConfig:
     """OpenAI's build_model, read for a ViT CLIP: widths, layers, patch and grid, context, embed dim."""
-    p, get = re.escape(prefix), (lambda name: _tensor(state, prefix, name, source))
+    p, get = re.escape(prefix), (lambda name: require_tensor(state, prefix, name, source))
     vision_width, _, patch, _ = get("visual.conv1.weight").shape
     grid = round((get("visual.positional_embedding").shape[0] - 1) ** 0.5)
     width = get("ln_final.weight").shape[0]
     vision = dict(
         hidden_size=vision_width, num_attention_heads=vision_width // HEAD_DIM, patch_size=patch, image_size=patch * grid,
-        num_hidden_layers=len(_indices(state, p + r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")),
+        num_hidden_layers=len(layer_indices(state, p + r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")),
         intermediate_size=get("visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
     )
     text = dict(
         hidden_size=width, num_attention_heads=width // HEAD_DIM, vocab_size=vocab_size,
-        num_hidden_layers=len(_indices(state, p + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")),
+        num_hidden_layers=len(layer_indices(state, p + r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight")),
         intermediate_size=get("transformer.resblocks.0.mlp.c_fc.weight").shape[0],
         max_position_embeddings=get("positional_embedding").shape[0],
         # The EOT token is the largest id (OpenAI pools at argmax(id)); HF pools at the first eos_token_id.
@@ -95,7 +95,7 @@ def convert_openai_clip(state: Mapping[str, Tensor], prefix: str, token_embeddin
     `token_embedding` is the FULL (49408, D) table (the checkpoint's `clip.original_text_emb_weight`); it
     replaces the reduced table under `prefix` so that the folder is OpenAI's CLIP again. The caller marks its
     key consumed. None keeps the table under `prefix` (then it must be a full one, EOT = last id)."""
-    reduced = _tensor(state, prefix, "token_embedding.weight", source)
+    reduced = require_tensor(state, prefix, "token_embedding.weight", source)
     table = reduced if token_embedding is None else token_embedding
     if table.ndim != 2 or table.shape[1] != reduced.shape[1] or table.shape[0] < reduced.shape[0]:
         raise ConversionError(f"{source}: full token table of shape {tuple(table.shape)} does not extend "
@@ -132,7 +132,8 @@ def openai_clip_tokenizer() -> CLIPTokenizer:
     """OpenAI's CLIP tokenizer rebuilt from its BPE file as SimpleTokenizer builds it: 256 byte characters,
     the same with `</w>`, the 48,894 merges joined, then BOS (49406) and EOS (49407); pad = EOS, 77 tokens."""
     path = openai_bpe_path()
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1: NUM_MERGES + 1]]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ConversionError(f"{path}: expected {NUM_MERGES} merges of two symbols, not OpenAI's BPE file")
