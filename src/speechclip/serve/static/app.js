@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const TARGET_RATE = 16000;
-const state = { info: null, recorder: null, ticket: 0 };
+const state = { info: null, recorder: null, ticket: 0, recording: null };  // recording: the last WAV sent
 
 function el(tag, attributes = {}, children = []) {
   const node = document.createElement(tag);
@@ -203,6 +203,7 @@ async function stopRecording() {
   const samples = concatenate(recorder.chunks);
   if (!samples.length) { showError("Nothing was recorded."); return; }
   const wav = encodeWav(await resample(samples, rate, TARGET_RATE), TARGET_RATE);
+  state.recording = wav;
   const seconds = samples.length / rate;
   history.replaceState(null, "", location.pathname);
   search([["audio", wav, "recording.wav"]], [el("span", { class: "label", text: "Your recording: " }),
