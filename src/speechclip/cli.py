@@ -78,6 +78,14 @@ def cmd_keywords(args) -> None:
             print(f"  keyword {number}: " + "  ".join(f"{word} ({score:.2f})" for word, score in slot))
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert_checkpoint
+
+    folder = convert_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    report = json.loads((folder / "conversion.json").read_text())
+    print(f"{report['variant']} model converted to {folder} (load it with SpeechCLIP.from_pretrained({str(folder)!r}))")
+
+
 def cmd_demo(args) -> None:
     from .train.demo import run_demo
 
@@ -176,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--batch-size", type=int, default=32)
     embed.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     embed.set_defaults(func=cmd_embed)
+
+    convert = sub.add_parser("convert", help="a released SpeechCLIP / SpeechCLIP+ .ckpt -> a self-contained folder")
+    convert.add_argument("checkpoint", help="the authors' Lightning checkpoint (read without executing its pickle)")
+    convert.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, hubert/, clip/)")
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    convert.set_defaults(func=cmd_convert)
 
     keywords = sub.add_parser("keywords", help="print the keywords of spoken clips (cascaded/hybrid)")
     keywords.add_argument("--checkpoint", required=True)

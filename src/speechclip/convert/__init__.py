@@ -1,9 +1,116 @@
 """The authors' released SpeechCLIP / SpeechCLIP+ checkpoints -> self-contained speechclip folders.
 
-Reading never executes the checkpoint's pickle (see `reader`); the frozen encoders inside it become ordinary
-Hugging Face folders (`hubert`, `openai_clip`), the trained heads our `model.safetensors` (`heads`).
+    convert_checkpoint("epoch_131-step_15443-val_recall_mean_1_36.0100.ckpt", "speechclip-base-flickr-parallel")
+    SpeechCLIP.from_pretrained("speechclip-base-flickr-parallel")   # no network
+
+The folder holds our `config.json` + `model.safetensors` and the frozen encoders converted from the weights
+inside the checkpoint: `hubert/` (HF HubertModel + feature extractor) and `clip/` (HF CLIPModel + OpenAI's
+tokenizer + image processor), plus `conversion.json` (where it came from, what was dropped and why).
+Reading never executes the checkpoint's pickle (`reader`). Every key of the checkpoint is converted or
+deliberately dropped (`heads.HEAD_DROPPED`, `hubert.HUBERT_DROPPED`, `openai_clip.CLIP_DROPPED`); anything
+else stops the conversion with its name. The folder appears complete or not at all.
 """
 
-from .errors import ConversionError
+from __future__ import annotations
 
-__all__ = ["ConversionError"]
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ConversionError
+from .heads import CLIP_PREFIX, FULL_TABLE, UPSTREAM_PREFIX, head_weights, keyword_vocab, model_values
+from .reader import read_checkpoint
+
+__all__ = ["ConversionError", "convert_checkpoint"]
+UPSTREAM_FOLDER, CLIP_FOLDER, REPORT = "hubert", "clip", "conversion.json"
+
+
+def convert_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert one released `.ckpt` into the folder `out` (refused if it exists, unless `overwrite`)."""
+    from ..model import SpeechCLIP  # the model imports nothing from here; the converter builds one
+    from .hubert import convert_fairseq_hubert, save_hubert_folder
+    from .openai_clip import convert_openai_clip, openai_clip_tokenizer, save_clip_folder
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out}: already exists; choose another folder or pass overwrite=True (--overwrite)")
+    released = read_checkpoint(checkpoint)
+    source, state = str(released.path), released.state
+    values, large = model_values(released.config, state, source)
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        hubert_config, hubert_state, upstream_keys = convert_fairseq_hubert(state, UPSTREAM_PREFIX, large, source)
+        save_hubert_folder(hubert_config, hubert_state, staging / UPSTREAM_FOLDER, values["normalize_waveform"])
+        del hubert_state
+        vocab, full_table = keyword_vocab(state, source)
+        clip_config, clip_state, clip_keys = convert_openai_clip(state, CLIP_PREFIX, full_table, source)
+        save_clip_folder(clip_config, clip_state, openai_clip_tokenizer(), staging / CLIP_FOLDER)
+        del clip_state
+        weights, head_keys = head_weights(state, source)
+        unused = sorted(set(state) - upstream_keys - clip_keys - head_keys - {FULL_TABLE})
+        if unused:
+            raise ConversionError(f"{source}: {unused[0]}: no conversion rule for this key ({len(unused)} left)")
+        if values["variant"] != "parallel":
+            values.setdefault("cascaded", {})["keyword_vocab"] = vocab
+        values.update(upstream=str(staging / UPSTREAM_FOLDER), clip=str(staging / CLIP_FOLDER))
+        model = _assemble(SpeechCLIP, values, weights, source)
+        model.save_pretrained(staging)
+        _write_report(staging / REPORT, released, values, model)
+        _replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _assemble(model_class, values: dict, weights: dict, source: str):
+    """Build our model on the converted encoders and load the heads, every tensor checked."""
+    from ..config import ConfigError, SpeechCLIPConfig
+
+    try:
+        model = model_class(SpeechCLIPConfig.from_dict(values))
+    except ConfigError as error:
+        raise ConversionError(f"{source}: the converted settings are refused: {error}") from error
+    expected = model.trainable_state_dict()
+    if "logit_scale" not in weights:  # Base: the reference keeps 1 / 0.07 fixed, not as a tensor
+        weights["logit_scale"] = expected["logit_scale"]
+    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ConversionError(f"{source}: heads do not match the {values['variant']} layout "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ConversionError(f"{source}: {name}: shape {tuple(tensor.shape)}, the model builds {tuple(expected[name].shape)}")
+    model.load_trainable({k: v.to(expected[k].dtype) for k, v in weights.items()}, source)
+    return model.eval()
+
+
+def _write_report(path: Path, released, values: dict, model) -> None:
+    report = {
+        "source": released.path.name, "bytes": released.path.stat().st_size, "sha256": _sha256(released.path),
+        "variant": values["variant"], "official_config": released.config,
+        "not_converted": {"checkpoint entries": released.extras,
+                          "state_dict": "criterion.eye_mat* (loss buffers), cascaded_branch.clip.* (duplicate CLIP), "
+                                        "HuBERT final_proj / label_embs_concat (pre-training heads)"},
+        "parameters": model.parameter_counts(),
+    }
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the finished folder into place; an old one is moved aside first and deleted only after."""
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
