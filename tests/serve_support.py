@@ -19,11 +19,11 @@ RGB = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), "yel
        "purple": (140, 40, 170), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (250, 250, 250)}
 
 
-def tiny_checkpoint(encoders: dict, folder: Path, variant: str = "hybrid", seed: int = 0) -> Path:
+def tiny_checkpoint(encoders: dict, folder: Path, variant: str = "hybrid", seed: int = 0, upstream: str = "hubert") -> Path:
     """An untrained SpeechCLIP on the tiny encoders, saved as a checkpoint folder."""
     torch.manual_seed(seed)
     overrides = {} if variant == "hybrid" else {"cascaded": {}}  # CIF/parallel variants: no fixed keyword count
-    return SpeechCLIP(tiny_model_config(encoders, variant, **overrides)).save_pretrained(folder)
+    return SpeechCLIP(tiny_model_config(encoders, variant, upstream, **overrides)).save_pretrained(folder)
 
 
 def make_images(folder: Path, count: int = 8) -> list[Path]:

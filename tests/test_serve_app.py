@@ -251,3 +251,22 @@ def test_full_queue_is_503_and_healthz_answers_during_a_slow_request(engine):
             assert (await http.post("/search", data={"text": "after"})).status_code == 200
 
     asyncio.run(scenario())
+
+
+def test_concurrent_queries_on_several_workers_all_succeed(encoders, data, tmp_path):
+    """A pre-norm upstream (the demo's mini HuBERT is one) keeps per-call state on the module: two forwards
+    at once broke it (500s under load). The engine lets forwards take turns; every answer must be right."""
+    model = SpeechCLIP.from_pretrained(tiny_checkpoint(encoders, tmp_path / "ln", upstream="hubert-layernorm"))
+    engine = SearchEngine(model, index_images(model, data["images"], tmp_path / "cache", False), limits=Limits(workers=4))
+    app = create_app(engine)
+    clips = [wav_bytes(0.3 + 0.1 * i, seed=i) for i in range(6)]
+    expected = [TestClient(app).post("/search", files={"audio": ("q.wav", c, "audio/wav")}).json()["results"] for c in clips]
+
+    async def scenario() -> list:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            return await asyncio.gather(*[http.post("/search", files={"audio": ("q.wav", clips[i % 6], "audio/wav")})
+                                          for i in range(36)])
+
+    answers = asyncio.run(scenario())
+    assert [a.status_code for a in answers] == [200] * 36
+    assert all(a.json()["results"] == expected[i % 6] for i, a in enumerate(answers))

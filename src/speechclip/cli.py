@@ -220,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache", help="where to keep embeddings, indexes and thumbnails (default: beside the data)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="inference threads (torch already uses every core)")
+    serve.add_argument("--workers", type=int, default=1, help="request threads (model forwards take turns; more threads overlap decoding)")
     serve.add_argument("--queue", type=int, default=32, help="queries that may wait for a worker; beyond: 503")
     serve.add_argument("--max-upload-mb", type=float, default=20.0)
     serve.add_argument("--max-audio-seconds", type=float, default=60.0)

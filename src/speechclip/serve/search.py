@@ -37,7 +37,7 @@ class Limits:
     max_text_chars: int = 1000  # CLIP reads 77 tokens anyway; longer is a mistake or abuse
     max_k: int = 1000
     max_texts: int = 256  # per /embed/text call
-    workers: int = 1  # inference threads; torch already uses every core inside one forward
+    workers: int = 1  # request threads; model forwards take turns (torch uses every core in one), more overlap decoding
     queue: int = 32  # requests waiting for a worker beyond these are answered 503
 
     @property
@@ -84,9 +84,10 @@ class SearchEngine:
 
     def __init__(self, model, gallery: Gallery, clips: ClipSet | None = None, limits: Limits = Limits()):
         self.model, self.gallery, self.clips, self.limits = model, gallery, clips, limits
-        # HF fast tokenizers fail with "Already borrowed" when two threads use one at once (padding and
-        # truncation settings are set per call): text encoding and subword decoding take turns.
-        self._tokenizer_lock = threading.Lock()
+        # One forward at a time: the model is not safe to call from two threads at once (the upstream keeps
+        # per-call state on the module: with two workers, 3 of 32 concurrent queries failed; HF fast
+        # tokenizers raise "Already borrowed"). Extra workers still decode uploads beside a forward.
+        self._model_lock = threading.Lock()
 
     def info(self) -> dict:
         """What the page needs to know: can it show keywords, are clips indexed, the bounds."""
@@ -101,12 +102,12 @@ class SearchEngine:
 
     def speech(self, wave: np.ndarray, top_k: int | None = None) -> tuple[np.ndarray, list | None]:
         """One forward: the normalised (D,) embedding and, for cascaded/hybrid models, the keywords."""
-        output = self.model.speech_outputs([wave])[0]
-        vector = torch.nn.functional.normalize(output.embeds.float(), dim=-1)[0].cpu().numpy()
-        if not self.model.config.uses_cascaded:
-            return vector, None
-        ids, scores = self.model.nearest_subwords(output, top_k)
-        with self._tokenizer_lock:
+        with self._model_lock:
+            output = self.model.speech_outputs([wave])[0]
+            vector = torch.nn.functional.normalize(output.embeds.float(), dim=-1)[0].cpu().numpy()
+            if not self.model.config.uses_cascaded:
+                return vector, None
+            ids, scores = self.model.nearest_subwords(output, top_k)
             keywords = [[{"subword": self.model.subword(t), "score": round(s, 4)} for t, s in zip(slot_ids, slot_scores)]
                         for slot_ids, slot_scores in zip(ids[0], scores[0])]
         return vector, keywords
@@ -120,13 +121,14 @@ class SearchEngine:
     def search_text(self, text: str, k: int) -> dict:
         if not text.strip():
             raise QueryError("text: empty query")
-        with self._tokenizer_lock:
+        with self._model_lock:
             vector = self.model.encode_text([text])[0].float().cpu().numpy()
         return {"query": {"kind": "text", "text": text}, "results": _hits(self.gallery.search(vector, k))}
 
     def search_image(self, file: BinaryIO, name: str, k: int) -> dict:
         image = read_image(file, name, self.limits.max_image_pixels)
-        vector = self.model.encode_image([image])[0].float().cpu().numpy()
+        with self._model_lock:
+            vector = self.model.encode_image([image])[0].float().cpu().numpy()
         return self._by_image(vector, {"kind": "image", "name": name}, k)
 
     def search_image_id(self, image_id: str, k: int) -> dict:
@@ -151,8 +153,9 @@ class SearchEngine:
 
     def embed_image(self, file: BinaryIO, name: str) -> list[float]:
         image = read_image(file, name, self.limits.max_image_pixels)
-        return self.model.encode_image([image])[0].tolist()
+        with self._model_lock:
+            return self.model.encode_image([image])[0].tolist()
 
     def embed_text(self, texts: list[str]) -> list[list[float]]:
-        with self._tokenizer_lock:
+        with self._model_lock:
             return self.model.encode_text(texts).tolist()
