@@ -29,7 +29,17 @@ BOS, EOS = 49406, 49407
 # the reduced vocabulary in the reference's by-frequency order: "!" (padding id 0), "a</w>", BOS, EOS, then words
 REDUCED_IDS = [0, 320, BOS, EOS, 1125, 539, 1929, 2368, 736, 1579, 3564, 1237, 2533, 4558, 786, 2403, 518, 1310,
                1746, 3144, 2014, 4996, 5046, 6431, 7034, 8853, 9920, 11032, 12345, 23456, 34567, 45678]
-WIDTH, CLIP_WIDTH, KEYWORDS = 128, 128, 4
+WIDTH, CLIP_WIDTH, KEYWORDS, FFN, MLP_HIDDEN = 128, 128, 4, 256, 96  # tiny; official_heads takes any sizes
+
+
+@dataclass
+class Sizes:
+    width: int = WIDTH  # upstream width (768 Base, 1024 Large)
+    clip_width: int = CLIP_WIDTH  # CLIP text width = its embedding size (512 ViT-B/32, 768 ViT-L/14)
+    keywords: int = KEYWORDS  # K (8 released)
+    ffn: int = FFN  # feed-forward width (3072 Base, 4096 Large)
+    mlp_hidden: int = MLP_HIDDEN  # kw_projection / projection_config hidden width (1024 Large)
+    layers: int = 2  # upstream layers: the weighted sum has layers + 1 weights
 
 
 @dataclass
@@ -86,10 +96,11 @@ def _encoder_layer(g: torch.Generator, prefix: str, dim: int, ffn: int) -> dict[
             **_linear(g, prefix + "linear2.", dim, ffn), **_norm(g, prefix + "norm1.", dim), **_norm(g, prefix + "norm2.", dim)}
 
 
-def _projection(g: torch.Generator, prefix: str, out: int, mlp: bool) -> dict[str, Tensor]:
+def _projection(g: torch.Generator, prefix: str, sizes: Sizes, mlp: bool) -> dict[str, Tensor]:
+    out, width, hidden = sizes.clip_width, sizes.width, sizes.mlp_hidden
     if not mlp:
-        return _linear(g, prefix, out, WIDTH)
-    return {**_linear(g, prefix + "sequential.0.", 96, WIDTH), **_linear(g, prefix + "sequential.3.", out, 96)}
+        return _linear(g, prefix, out, width)
+    return {**_linear(g, prefix + "sequential.0.", hidden, width), **_linear(g, prefix + "sequential.3.", out, hidden)}
 
 
 def _batchnorm(g: torch.Generator, prefix: str, channels: int) -> dict[str, Tensor]:
@@ -98,55 +109,57 @@ def _batchnorm(g: torch.Generator, prefix: str, channels: int) -> dict[str, Tens
             prefix + "num_batches_tracked": torch.tensor(1234)}
 
 
-def _heads(case: Case, g: torch.Generator) -> dict[str, Tensor]:
+def official_heads(case: Case, sizes: Sizes = Sizes(), seed: int = 0) -> dict[str, Tensor]:
+    """The trained part of a released checkpoint (weighted sum, branch, trainable temperature), in its names."""
+    g = torch.Generator().manual_seed(seed + 7)
+    w, k = sizes.width, sizes.keywords
+    state = {"audio_encoder.weightedsum_layer.weights": _rand(g, sizes.layers + 1, std=1.0)}
+    if case.large and case.attention != "TransformerEncoder":  # cl_loss.temperature_trainable
+        state["criterion.temperature"] = torch.tensor(math.log(1 / 0.05))
     if case.variant == "parallel":
-        return {"parallel_branch.cls": _rand(g, 1, 1, WIDTH, std=1.0), **_encoder_layer(g, "parallel_branch.self_att.model.layers.0.", WIDTH, 256),
-                **_norm(g, "parallel_branch.self_att.model.norm.", WIDTH), **_linear(g, "parallel_branch.linear_proj.", CLIP_WIDTH, WIDTH)}
+        state.update({"parallel_branch.cls": _rand(g, 1, 1, w, std=1.0), **_encoder_layer(g, "parallel_branch.self_att.model.layers.0.", w, sizes.ffn),
+                      **_norm(g, "parallel_branch.self_att.model.norm.", w), **_projection(g, "parallel_branch.linear_proj.", sizes, False)})
+        return state
     c = "cascaded_branch."
-    state = {c + "vector_quantizer.curr_temp": torch.tensor([0.1])}
+    state[c + "vector_quantizer.curr_temp"] = torch.tensor([0.1])
     if case.attention == "TransformerEncoder":
-        state.update(_encoder_layer(g, c + "self_att.model.layers.0.", WIDTH, 256))
-        state.update(_norm(g, c + "self_att.model.norm.", WIDTH))
+        state.update(_encoder_layer(g, c + "self_att.model.layers.0.", w, sizes.ffn))
+        state.update(_norm(g, c + "self_att.model.norm.", w))
     else:
-        state.update(_mha(g, c + "self_att.multihead_attn_layer.", WIDTH))
-        state.update(_norm(g, c + "self_att.attentionBlock_Norm.", WIDTH))
-    state.update(_projection(g, c + "linear_proj.", CLIP_WIDTH, case.kw_mlp))
+        state.update(_mha(g, c + "self_att.multihead_attn_layer.", w))
+        state.update(_norm(g, c + "self_att.attentionBlock_Norm.", w))
+    state.update(_projection(g, c + "linear_proj.", sizes, case.kw_mlp))
     fixed = case.variant in ("cascaded", "hybrid")
-    state.update(_batchnorm(g, c + "bn_layer.bn_layer.", CLIP_WIDTH * (KEYWORDS if fixed else 1)))
+    state.update(_batchnorm(g, c + "bn_layer.bn_layer.", sizes.clip_width * (k if fixed else 1)))
     if case.variant == "cascaded":
-        state[c + "cls"] = _rand(g, 1, KEYWORDS, WIDTH, std=1.0)
+        state[c + "cls"] = _rand(g, 1, k, w, std=1.0)
     if case.variant == "hybrid":
-        state[c + "parallel_cls"], state[c + "cascaded_cls"] = _rand(g, 1, 1, WIDTH, std=1.0), _rand(g, 1, KEYWORDS, WIDTH, std=1.0)
+        state[c + "parallel_cls"], state[c + "cascaded_cls"] = _rand(g, 1, 1, w, std=1.0), _rand(g, 1, k, w, std=1.0)
     if case.variant == "hybrid_plus":
-        state[c + "cls"] = _rand(g, 1, 1, WIDTH, std=1.0)
+        state[c + "cls"] = _rand(g, 1, 1, w, std=1.0)
     if case.variant.startswith("hybrid"):
-        state.update(_projection(g, c + "parallel_proj.", CLIP_WIDTH, case.parallel_mlp))
+        state.update(_projection(g, c + "parallel_proj.", sizes, case.parallel_mlp))
     if case.variant.endswith("_plus"):
         for i in range(case.conv_layers):
-            state[f"{c}downsampling.conv.{3 * i}.weight"] = _rand(g, WIDTH, WIDTH, case.conv_width, std=1 / math.sqrt(WIDTH * case.conv_width))
-            state[f"{c}downsampling.conv.{3 * i}.bias"] = _rand(g, WIDTH)
-        state.update(_linear(g, c + "downsampling.weight_proj.1.", 1, WIDTH))
+            state[f"{c}downsampling.conv.{3 * i}.weight"] = _rand(g, w, w, case.conv_width, std=1 / math.sqrt(w * case.conv_width))
+            state[f"{c}downsampling.conv.{3 * i}.bias"] = _rand(g, w)
+        state.update(_linear(g, c + "downsampling.weight_proj.1.", 1, w))
         state[c + "downsampling.weight_proj.1.bias"] = torch.tensor([-1.0])  # ~0.25 per frame: a few keywords
     return state
 
 
 def official_checkpoint(case: Case, seed: int = 0) -> tuple[dict[str, Tensor], dict]:
-    g = torch.Generator().manual_seed(seed)
     hubert = fairseq_hubert_state(layer_norm_first=case.large, hidden=WIDTH, seed=seed)
     clip = openai_clip_state(width=CLIP_WIDTH, embed_dim=CLIP_WIDTH, seed=seed + 1)
     state = {"audio_encoder.encoder." + k: v for k, v in hubert.items()}
-    state["audio_encoder.weightedsum_layer.weights"] = _rand(g, 3, std=1.0)  # 2 layers + their input
     state.update({"clip.model." + k: v for k, v in reduce_vocabulary(clip, REDUCED_IDS).items()})
     state["clip.original_text_emb_weight"] = clip["token_embedding.weight"]
     if case.variant != "parallel":  # the cascaded branches register the same CLIP module a second time
         state.update({"cascaded_branch." + k: v for k, v in state.items() if k.startswith("clip.")})
     eye = torch.eye(1024 if case.large else 256, dtype=torch.bool)
     state.update({"criterion.eye_mat": eye, "criterion.neg_eye_mat": ~eye, "criterion.eye_mat_fl": eye.float()})
-    trainable_temperature = case.large and case.attention != "TransformerEncoder"
-    if trainable_temperature:
-        state["criterion.temperature"] = torch.tensor(math.log(1 / 0.05))
-    state.update(_heads(case, g))
-    return state, _config(case, trainable_temperature)
+    state.update(official_heads(case, seed=seed))
+    return state, _config(case, "criterion.temperature" in state)
 
 
 def _config(case: Case, trainable_temperature: bool) -> dict:

@@ -102,8 +102,8 @@ def _cached(folder: Path, spec: object, build) -> dict:
 def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path) -> dict:
     return {
         "model": {"upstream": str(upstream), "clip": str(clip), "variant": "hybrid",
-                  "parallel": {"num_heads": 4, "ffn_dim": 4 * spec.hubert.width},  # heads are upstream-wide
-                  "cascaded": {"num_keywords": spec.num_keywords}},
+                  # SpeechCLIP+ hybrid: one attention layer shared by the parallel CLS and the keywords
+                  "cascaded": {"num_keywords": spec.num_keywords, "num_heads": 4}},
         "data": {"kind": "manifest", "root": str(corpus)},
         "train": {"batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": max(1, spec.speechclip_steps // 10),
                   "max_steps": spec.speechclip_steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, spec.speechclip_steps // 4),
