@@ -118,7 +118,8 @@ def index_images(model, folder: str | Path, cache: str | Path | None = None, pro
     index_dir = embeddings.folder / "index"
     key = fingerprint(files, str(model.clip.name_or_path))
     source = read_meta(index_dir / "source.json")  # the fingerprint the saved index was built from
-    if source.get("fingerprint") == key:
+    cached = source.get("fingerprint") == key
+    if cached:
         skipped = [(name, reason) for name, reason in source.get("skipped", [])]
         unreadable = {name for name, _ in skipped}
         good = [p for p in files if str(p) not in unreadable]
@@ -133,7 +134,7 @@ def index_images(model, folder: str | Path, cache: str | Path | None = None, pro
         print(f"skipped {name}: {reason}", file=sys.stderr)
     vectors = torch.nn.functional.normalize(embeddings.embeddings(good, progress=progress).float(), dim=-1).numpy()
     ids = [item_id(p, folder) for p in good]
-    index = EmbeddingIndex.load(index_dir) if source.get("fingerprint") == key else None
+    index = EmbeddingIndex.load(index_dir) if cached else None
     if index is None or index.ids != ids:
         index = EmbeddingIndex.build(vectors, ids, "auto")
         index.save(index_dir)
