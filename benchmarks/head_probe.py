@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import nn
 from speechclip.audio import load_audio
 from speechclip.branches import ParallelBranch
 from speechclip.clip import FrozenCLIP
-from speechclip.config import ParallelConfig
+from speechclip.config import ParallelConfig, SpeechCLIPConfig
 from speechclip.data import image_table, read_dataset
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.loss import contrastive_loss
@@ -62,7 +63,8 @@ class Probe(nn.Module):
         super().__init__()
         self.featurizer = WeightedLayerSum(states, width)
         self.width_in = nn.Linear(width, args.width) if width != args.width else nn.Identity()
-        self.head = ParallelBranch(args.width, clip_dim, ParallelConfig(num_layers=args.layers, num_heads=4, ffn_dim=4 * args.width))
+        config = SpeechCLIPConfig(parallel=ParallelConfig(num_layers=args.layers, num_heads=4, ffn_dim=4 * args.width))
+        self.head = ParallelBranch(args.width, SimpleNamespace(embed_dim=clip_dim), config)
         self.pool = args.pool
 
     def forward(self, clips: list[torch.Tensor]) -> torch.Tensor:
@@ -70,7 +72,7 @@ class Probe(nn.Module):
         frames = self.width_in(self.featurizer(states))
         if self.pool > 1:
             frames, mask = pool_frames(frames, mask, self.pool)
-        return self.head(frames, mask)
+        return self.head(frames, mask, None).parallel
 
 
 @torch.no_grad()
