@@ -26,7 +26,7 @@ def cmd_train(args) -> None:
     from .train.run import fit
 
     config = load_run_config(args.config, args.set)
-    summary = fit(config, args.run_dir, resume=args.resume, progress=not args.no_progress)
+    summary = fit(config, args.run_dir, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -161,7 +161,9 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a SpeechCLIP model from a YAML config")
     train.add_argument("--config", required=True)
     train.add_argument("--run-dir", required=True)
-    train.add_argument("--resume", action="store_true", help="continue from run-dir/checkpoints/last.ckpt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in run-dir from checkpoints/last.ckpt (starts it if there is none yet)")
+    train.add_argument("--overwrite", action="store_true", help="replace the run in run-dir (deleted once the new one starts)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)

@@ -30,12 +30,35 @@ def contrastive_loss(
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every process's gradient for the local rows (all_reduce) and
+    returns this process's slice, as Lightning's `all_gather(sync_grads=True)` does."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        gathered = [torch.zeros_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
+
+
 def gather_batch(tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """All-gather (B, ...) from every process into (world_size * B, ...), keeping the local slice's graph
-    so each process back-propagates through its own rows (open_clip's local-loss trick). Equal B assumed."""
+    """All-gather (B, ...) from every process into (world_size * B, ...), rank order. Equal B assumed.
+
+    Every process computes the same loss over the global batch; a row's gradient is then the sum of
+    what every process's loss sends it (all_reduce in backward), so after DDP averages the parameter
+    gradients over processes they equal the single-process gradient of the loss over the whole batch.
+    (Keeping only the local slice's graph, without that sum, gives 1/world_size of it.)"""
     if world_size == 1:
         return tensor
+    if tensor.requires_grad:
+        return _GatherWithGrad.apply(tensor, rank, world_size)
     gathered = [torch.zeros_like(tensor) for _ in range(world_size)]
     dist.all_gather(gathered, tensor.contiguous())
-    gathered[rank] = tensor
     return torch.cat(gathered)

@@ -1,9 +1,12 @@
 """A training run's configuration: YAML with `model`, `data` and `train` sections, overridable with
-`--set section.field=value` on the CLI. Unknown fields are errors that name them."""
+`--set section.field=value` on the CLI. Unknown fields are errors that name them; every numeric or
+choice field of `data`/`train` is range-checked before anything is loaded or written
+(`check_run_config`), with the field and the allowed range in one line."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,11 @@ import torch
 import yaml
 
 from ..config import ConfigError, SpeechCLIPConfig, _build
+
+DATA_KINDS = ("flickr8k", "spokencoco", "manifest", "synthetic")
+ON_ERROR = ("raise", "skip")
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
 @dataclass
@@ -22,19 +30,23 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     options: dict = field(default_factory=dict)  # reader options, e.g. SpokenCOCO {images, karpathy}
-    on_error: str = "raise"  # raise | skip: a bad sample stops the run, or is skipped and counted
+    # raise | skip: a bad clip (unreadable, NaN, shorter than the upstream's minimum) stops the run naming
+    # it, or is skipped and counted in train_summary.json; in every data path, the state cache included
+    on_error: str = "raise"
 
 
 @dataclass
 class TrainConfig:
     # Reference values (base model, Flickr8k) from the public configs of the SpeechCLIP code.
-    batch_size: int = 256  # reference 256
+    # GLOBAL contrastive batch (reference 256 is global): under DDP each of the devices x num_nodes
+    # processes takes batch_size / processes clips, and the negatives are gathered back to 256.
+    batch_size: int = 256
     lr: float = 1e-4  # reference Adam lr 1e-4
     weight_decay: float = 1e-6  # reference 1e-6
     warmup_steps: int = 5000  # reference linear warm-up 5,000 steps
     max_steps: int = 50000  # reference: linear decay ends at 50,000 steps
     final_lr: float = 1e-8  # reference decay target
-    grad_clip: float = 4.0  # reference gradient clipping 4
+    grad_clip: float = 4.0  # reference gradient clipping 4 (0 = no clipping)
     max_audio_samples: int | None = 102400  # reference random crop 6.4 s in training; full length in eval
     precision: str = "auto"  # auto = 16-mixed on GPU (reference fp16), 32 on CPU
     accelerator: str = "auto"
@@ -48,7 +60,9 @@ class TrainConfig:
     seed: int = 7
     keyword_vocab_size: int | None = None  # cascaded: keep the N most frequent caption subwords (None = all seen)
     image_cache: bool = True  # False = run the CLIP image tower every step (benchmarks only)
-    cache_upstream_states: bool = False  # run the frozen upstream once per clip, keep its states in memory (small data only)
+    # run the frozen upstream once per clip and keep its fp16 states in a file under cache_dir (read per
+    # batch, shared by workers and runs): epochs 2..N skip the upstream
+    cache_upstream_states: bool = False
     cache_dir: str = ".cache/speechclip"
     length_bucket: int = 50  # batches are formed from pools of length_bucket * batch_size similar-length clips
     eval_batch_size: int = 32
@@ -71,6 +85,114 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# ---- ranges: (low, high) inclusive, None = unbounded; a note says why where it is not obvious ----------------
+_INT_RANGES: dict[str, tuple[int | None, int | None, str]] = {
+    "batch_size": (2, None, " (a contrastive batch needs negatives)"),
+    "warmup_steps": (0, None, ""),
+    "max_steps": (1, None, ""),
+    "num_nodes": (1, None, ""),
+    "val_every_steps": (1, None, ""),
+    "checkpoint_every_steps": (1, None, ""),
+    "log_every_steps": (1, None, ""),
+    "num_workers": (0, None, ""),
+    "seed": (0, 2**32 - 1, ""),
+    "keyword_vocab_size": (1, None, ""),
+    "max_audio_samples": (1, None, ""),
+    "length_bucket": (1, None, ""),
+    "eval_batch_size": (1, None, ""),
+}
+_FLOAT_RANGES: dict[str, tuple[float, str]] = {  # (low, "open"/"closed" bound)
+    "lr": (0.0, "open"), "weight_decay": (0.0, "closed"), "final_lr": (0.0, "closed"), "grad_clip": (0.0, "closed"),
+}
+_CHOICES = {"precision": PRECISIONS, "accelerator": ACCELERATORS}
+_NULLABLE = {"keyword_vocab_size", "max_audio_samples"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(where: str, value: Any, low: int | None, high: int | None, note: str) -> None:
+    if not _is_int(value):
+        raise ConfigError(f"{where}={value!r}: must be an integer")
+    if low is not None and value < low:
+        raise ConfigError(f"{where}={value}: must be >= {low}{note}")
+    if high is not None and value > high:
+        raise ConfigError(f"{where}={value}: must be <= {high}{note}")
+
+
+def _check_float(where: str, value: Any, low: float, bound: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{where}={value!r}: must be a finite number")
+    if (bound == "open" and value <= low) or value < low:
+        raise ConfigError(f"{where}={value}: must be {'>' if bound == 'open' else '>='} {low:g}")
+
+
+def _check_devices(value: Any) -> None:
+    ok = value == "auto" or (_is_int(value) and (value >= 1 or value == -1))
+    ok |= isinstance(value, list) and bool(value) and all(_is_int(v) and v >= 0 for v in value)
+    ok |= isinstance(value, str) and bool(value) and all(p.strip().isdigit() for p in value.split(",") if p.strip())
+    if not ok:
+        raise ConfigError(f"train.devices={value!r}: must be 'auto', an integer >= 1 (-1 = all), a list of device "
+                          "indices or a string such as '0,1'")
+
+
+def check_train_config(train: TrainConfig) -> None:
+    """Every field of `train` in its range, or a ConfigError naming `train.<field>` and the range."""
+    for name, (low, high, note) in _INT_RANGES.items():
+        value = getattr(train, name)
+        if not (value is None and name in _NULLABLE):
+            _check_int(f"train.{name}", value, low, high, note)
+    for name, (low, bound) in _FLOAT_RANGES.items():
+        _check_float(f"train.{name}", getattr(train, name), low, bound)
+    if train.final_lr > train.lr:
+        raise ConfigError(f"train.final_lr={train.final_lr}: must be <= train.lr={train.lr} (the schedule decays to it)")
+    for name, allowed in _CHOICES.items():
+        if getattr(train, name) not in allowed:
+            raise ConfigError(f"train.{name}={getattr(train, name)!r}: must be one of {', '.join(allowed)}")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategies = ("auto", *StrategyRegistry.available_strategies())
+    if train.strategy not in strategies:
+        raise ConfigError(f"train.strategy={train.strategy!r}: must be one of {', '.join(strategies)}")
+    _check_devices(train.devices)
+    for name in ("image_cache", "cache_upstream_states"):
+        if not isinstance(getattr(train, name), bool):
+            raise ConfigError(f"train.{name}={getattr(train, name)!r}: must be true or false")
+    if not isinstance(train.cache_dir, str) or not train.cache_dir:
+        raise ConfigError(f"train.cache_dir={train.cache_dir!r}: must be a folder path")
+
+
+def check_data_config(data: DataConfig) -> None:
+    if data.kind not in DATA_KINDS:
+        raise ConfigError(f"data.kind={data.kind!r}: must be one of {', '.join(DATA_KINDS)}")
+    if data.on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={data.on_error!r}: must be one of {', '.join(ON_ERROR)}")
+    if not isinstance(data.root, str) or not data.root:
+        raise ConfigError(f"data.root={data.root!r}: must name the dataset folder or manifest")
+    for name in ("train_split", "val_split", "test_split"):
+        if not isinstance(getattr(data, name), str) or not getattr(data, name):
+            raise ConfigError(f"data.{name}={getattr(data, name)!r}: must be a split name")
+    if not isinstance(data.options, dict):
+        raise ConfigError(f"data.options={data.options!r}: must be a mapping")
+
+
+def check_run_config(config: RunConfig) -> None:
+    """The data and train ranges (the model's are checked when its config is built)."""
+    check_data_config(config.data)
+    check_train_config(config.train)
+
+
+def check_global_batch(train: TrainConfig, processes: int) -> int:
+    """The per-process share of the global contrastive batch; it must divide evenly."""
+    if train.batch_size % processes:
+        raise ConfigError(f"train.batch_size={train.batch_size}: must be divisible by the {processes} training "
+                          f"processes (devices x num_nodes): it is the global contrastive batch")
+    if train.batch_size // processes < 1:
+        raise ConfigError(f"train.batch_size={train.batch_size}: must be >= the {processes} training processes")
+    return train.batch_size // processes
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     values: dict = {}
     if path is not None:
@@ -78,6 +200,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
             values = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ConfigError(f"{path}: cannot read config: {error}") from error
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping with model, data and train sections")
     return run_config_from_dict(apply_overrides(values, overrides or []))
 
 

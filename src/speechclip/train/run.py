@@ -1,10 +1,15 @@
-"""Train and evaluate runs: a run folder holds run.yaml, checkpoints/ (resume), best/ and final/
-(SpeechCLIP checkpoints: config.json + model.safetensors), logs/ and results."""
+"""Train and evaluate runs: a run folder holds run.yaml, checkpoints/last.ckpt (resume), best/ and final/
+(SpeechCLIP checkpoints: config.json + model.safetensors), logs/ and train_summary.json.
+
+Order of `fit`: check the config's ranges and what the folder allows (resume/overwrite) -> load the
+encoders and data (nothing written to the run folder yet, so a bad setting or clip loses nothing) ->
+open the folder (write run.yaml; replace or resume the old run) -> train -> final/ and the summary."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,18 +17,22 @@ from typing import Sequence
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import yaml
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback
 
+from ..clip import FrozenCLIP
+from ..config import ConfigError
 from ..data import read_dataset
 from ..evaluate import evaluate
-from ..clip import FrozenCLIP
 from ..image_cache import ImageEmbeddingCache
 from ..model import SpeechCLIP
 from ..upstream import SpeechUpstream
-from .config import RunConfig, run_config_from_dict
+from .config import RunConfig, check_global_batch, check_run_config, run_config_from_dict
 from .datamodule import SpeechImageDataModule
+from .resume import RNGState, RunCheckpoint, RunCSVLogger, metrics_history
+from .run_folder import RunPlan, open_run, plan_run, replace_folder, write_text_atomic
 from .system import SpeechCLIPSystem
 
 
@@ -36,16 +45,11 @@ def keyword_vocab(model_clip, captions: list[str], size: int | None) -> list[int
     return [t for t, _ in counts.most_common(size)]
 
 
-def _trainer(config: RunConfig, run_dir: Path, progress: bool, extra_callbacks: Sequence[Callback]) -> L.Trainer:
+def _trainer(config: RunConfig, run_dir: Path, progress: bool, extra_callbacks: Sequence[Callback], history: list[dict]) -> L.Trainer:
     train = config.train
-    precision = train.resolved_precision()
-    callbacks = [*extra_callbacks,
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=train.checkpoint_every_steps,
-                        save_last=True, save_top_k=0),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/recall_mean", mode="max",
-                        save_top_k=1, save_on_train_epoch_end=False),
-    ]
-    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    callbacks = [*extra_callbacks, RNGState(),
+                 RunCheckpoint(run_dir / "checkpoints" / "last.ckpt", train.checkpoint_every_steps, train.val_every_steps, train.max_steps)]
+    loggers = [RunCSVLogger(run_dir / "logs", history)]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
         import tensorboard  # noqa: F401
@@ -53,24 +57,40 @@ def _trainer(config: RunConfig, run_dir: Path, progress: bool, extra_callbacks: 
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     except ImportError:
         pass
-    return L.Trainer(
-        max_steps=train.max_steps, accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
-        strategy=train.strategy, precision=precision, gradient_clip_val=train.grad_clip,
-        val_check_interval=train.val_every_steps, check_val_every_n_epoch=None, log_every_n_steps=train.log_every_steps,
-        callbacks=callbacks, logger=loggers, default_root_dir=run_dir, use_distributed_sampler=False,
-        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-    )
+    try:
+        return L.Trainer(
+            max_steps=train.max_steps, accelerator=train.accelerator, devices=train.devices, num_nodes=train.num_nodes,
+            strategy=train.strategy, precision=train.resolved_precision(), gradient_clip_val=train.grad_clip or None,
+            val_check_interval=train.val_every_steps, check_val_every_n_epoch=None, log_every_n_steps=train.log_every_steps,
+            callbacks=callbacks, logger=loggers, default_root_dir=run_dir, use_distributed_sampler=False,
+            enable_checkpointing=False, enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as error:
+        raise ConfigError(f"train: {error}".splitlines()[0]) from None
 
 
-def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-        callbacks: Sequence[Callback] = ()) -> dict:
-    """Train; with `resume`, continue from run_dir/checkpoints/last.ckpt (step counter, optimiser, schedule).
-    progress: the bars (image embeddings, state cache, training); callbacks: more Lightning callbacks."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
-    started = time.perf_counter()
+def _primary_process() -> bool:
+    """The process that decides about and writes the run folder: not a DDP worker that Lightning (or the
+    cluster) started beside it; those run `fit` again with the same arguments."""
+    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
+
+
+def _plan(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> RunPlan:
+    if _primary_process():
+        plan = plan_run(run_dir, config, resume, overwrite)
+        if plan.note:
+            print(f"speechclip: {plan.note}", flush=True)
+        return plan
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return RunPlan("worker", last if resume and last.is_file() else None)
+
+
+def _load(config: RunConfig, progress: bool) -> tuple[SpeechCLIP, SpeechImageDataModule]:
+    """Encoders, data checks, keyword vocabulary and the model: everything that may fail on bad input."""
     upstream = SpeechUpstream(config.model.upstream, config.model.normalize_waveform)
+    crop = config.train.max_audio_samples
+    if crop is not None and crop < upstream.min_samples:
+        raise ConfigError(f"train.max_audio_samples={crop}: must be >= {upstream.min_samples} (the upstream's shortest clip)")
     clip = FrozenCLIP(config.model.clip)
     datamodule = SpeechImageDataModule(config.data, config.train, clip, upstream, progress)
     if config.model.uses_cascaded and config.model.cascaded.keyword_vocab is None:
@@ -78,28 +98,58 @@ def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: 
         if captions:  # the vocabulary is part of the model's config: known before the model is built
             config.model.cascaded.keyword_vocab = keyword_vocab(clip, captions, config.train.keyword_vocab_size)
     model = SpeechCLIP(config.model, upstream=upstream, clip=clip)
-    (run_dir / "run.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return model, datamodule
+
+
+def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+        callbacks: Sequence[Callback] = (), overwrite: bool = False) -> dict:
+    """Train into `run_dir`. A folder holding a run needs `resume` (continue from checkpoints/last.ckpt:
+    step, optimiser, schedule, batch position, RNGs; bit-identical to an uninterrupted run on CPU) or
+    `overwrite` (replace it). progress: the bars; callbacks: more Lightning callbacks."""
+    run_dir = Path(run_dir)
+    check_run_config(config)
+    plan = _plan(config, run_dir, resume, overwrite)
+    history = metrics_history(run_dir / "logs" / "metrics.csv", plan.step) if plan.mode == "resume" else []
+    trainer = _trainer(config, run_dir, progress, callbacks, history)
+    check_global_batch(config.train, trainer.world_size)
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    started = time.perf_counter()
+    model, datamodule = _load(config, progress)
     datamodule.setup("fit")
+    if plan.mode != "worker":
+        open_run(run_dir, plan, config)
     system = SpeechCLIPSystem(model, config.train, export_dir=run_dir)
     system.image_table = datamodule.image_table
-    trainer = _trainer(config, run_dir, progress, callbacks)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume and not last.is_file():
-        raise FileNotFoundError(f"{last}: nothing to resume from")
-    trainer.fit(system, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    trainer.fit(system, datamodule=datamodule, ckpt_path=plan.checkpoint, weights_only=True)
     _write_rank_fingerprint(model, run_dir, trainer.global_rank)
-    summary = {"global_step": trainer.global_step, "start_step": system.start_step, "seconds": round(time.perf_counter() - started, 1),
+    summary = {"global_step": trainer.global_step, "start_step": system.start_step,
+               "seconds": round(time.perf_counter() - started, 1),
                "best_val_recall_mean": system.best_recall if system.best_recall > float("-inf") else None,
-               "data_checks": datamodule.reports, "skipped_while_training": _skipped(trainer)}
+               "best_step": system.best_step, "skipped": _skipped_report(datamodule.skipped, _all_ranks(system.skipped))}
     if trainer.is_global_zero:
-        model.save_pretrained(run_dir / "final")
-        (run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        replace_folder(run_dir / "final", model.save_pretrained)
+        write_text_atomic(run_dir / "train_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _skipped(trainer: L.Trainer) -> dict:
-    loader = trainer.train_dataloader
-    return dict(getattr(getattr(loader, "dataset", None), "skipped", {}) or {})
+def _all_ranks(skipped: dict[str, str]) -> dict[str, str]:
+    """Clips skipped in training by any process (each decodes its own share of the batches)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return skipped
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, skipped)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def _skipped_report(checked: dict[str, dict[str, str]], in_training: dict[str, str]) -> dict:
+    """Per split: how many clips were left out, how many for each reason, and which (file -> reason).
+    `checked`: before training (missing, unreadable, empty, too short, undecodable in the state cache);
+    `in_training`: decode failures met while training (with on_error: skip)."""
+    report = {}
+    for split, files in {**checked, "train": {**checked.get("train", {}), **in_training}}.items():
+        reasons = Counter(reason.split(" (")[0] for reason in files.values())
+        report[split] = {"count": len(files), "reasons": dict(reasons), "files": dict(files)}
+    return report
 
 
 def _write_rank_fingerprint(model: SpeechCLIP, run_dir: Path, rank: int) -> None:

@@ -1,29 +1,191 @@
-"""Frozen-upstream hidden states computed once per clip and kept in memory.
+"""Frozen-upstream hidden states computed once per clip and kept on disk, read per batch.
 
 The upstream is frozen and in eval mode, so its states for an uncropped clip never change: when every
-clip fits the crop length, epochs 2..N need not run it again. Opt-in (`train.cache_upstream_states`):
-memory is (L+1) x frames x width x 2 bytes per clip, about 0.9 GB for the demo corpus's 4,800 clips
-with a 4-layer, 128-wide upstream, and far too much for HuBERT Base on SpokenCOCO.
+clip fits the crop length, epochs 2..N need not run it again. Opt-in (`train.cache_upstream_states`).
+Why a file and not a list of tensors: a Python list of per-clip fp16 tensors is resident in every
+training process (the demo's two side-by-side runs held ~10 GB each), while one fp16 file per split is
+written once and read with `os.pread` per clip, so a process holds only the batch it is building; the
+file sits in the page cache, shared by dataloader workers and runs, and the kernel may drop it.
+
+Layout of a cache folder `<cache_dir>/upstream_states/<key>/` (renamed into place only when complete,
+so a killed build is never reused; the key hashes the upstream and the clips, so a stale one neither):
+  states.f16   frames of all clips back to back, frame-major: (frames, L+1, D) float16
+  index.npz    offset (first frame, -1 = skipped) and frames per item row
+  meta.json    L+1, D, the key's inputs and the clips skipped (file -> reason)
 Clips longer than the crop are cropped at the frame level (a window's edge frames then keep the
 context they had in the full clip: an approximation the waveform path does not make).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..audio import load_audio, pad_batch
+from ..audio import AudioError, load_audio, pad_batch
 from ..data import SpokenCaption
 from ..upstream import SpeechUpstream
+
+
+class StateStore:
+    """Read side: item row -> (L+1, T_i, D) float16 states, by `os.pread` of the clip's frames only."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta = json.loads((self.folder / "meta.json").read_text())
+        self.num_states, self.width = int(meta["num_states"]), int(meta["width"])
+        self.skipped: dict[str, str] = dict(meta.get("skipped", {}))
+        with np.load(self.folder / "index.npz") as index:
+            self.offsets, self.frames = index["offsets"].astype(np.int64), index["frames"].astype(np.int64)
+        self._row_bytes = self.num_states * self.width * 2
+        self._fd: int | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def has(self, row: int) -> bool:
+        return bool(self.offsets[row] >= 0)
+
+    def __getstate__(self) -> dict:  # to spawned dataloader workers: they open the file themselves
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.folder / "states.f16", os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, row: int, max_frames: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(L+1, T, D) float16 of item `row`: whole, or a window of `max_frames` (random with a generator)."""
+        if not self.has(row):
+            raise KeyError(f"item {row} has no cached states (skipped when the cache was built)")
+        total = int(self.frames[row])
+        count, start = total, 0
+        if max_frames is not None and total > max_frames:
+            count = max_frames
+            if generator is not None:
+                start = int(torch.randint(0, total - max_frames + 1, (1,), generator=generator))
+        raw = os.pread(self._file(), count * self._row_bytes, (int(self.offsets[row]) + start) * self._row_bytes)
+        frames = np.frombuffer(raw, dtype=np.float16).reshape(count, self.num_states, self.width)
+        return torch.from_numpy(frames.copy()).permute(1, 0, 2)
+
+
+class StateCacheWriter:
+    """Write side: clips appended one by one into a temporary folder, renamed into place by `commit`."""
+
+    def __init__(self, folder: str | Path, rows: int):
+        self.folder = Path(folder)
+        self.tmp = self.folder.with_name(f"{self.folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._out = open(self.tmp / "states.f16", "wb")
+        self.offsets = np.full(rows, -1, dtype=np.int64)
+        self.frames = np.zeros(rows, dtype=np.int64)
+        self.shape: tuple[int, int] | None = None
+        self._written = 0
+
+    def add(self, row: int, states: torch.Tensor) -> None:
+        """states: (L+1, T, D) of item `row`, stored as float16, frame-major."""
+        self.shape = self.shape or (int(states.shape[0]), int(states.shape[2]))
+        frames = states.detach().to("cpu", torch.float16).permute(1, 0, 2).contiguous()
+        self._out.write(frames.numpy().tobytes())
+        self.offsets[row], self.frames[row] = self._written, frames.shape[0]
+        self._written += frames.shape[0]
+
+    def commit(self, meta: dict, skipped: dict[str, str]) -> StateStore:
+        self._out.close()
+        np.savez(self.tmp / "index.npz", offsets=self.offsets, frames=self.frames)
+        num_states, width = self.shape or (0, 0)
+        info = {**meta, "num_states": num_states, "width": width, "skipped": skipped}
+        (self.tmp / "meta.json").write_text(json.dumps(info, indent=1) + "\n")
+        try:
+            os.rename(self.tmp, self.folder)
+        except OSError:  # another process finished the same cache first: theirs is identical
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return StateStore(self.folder)
+
+    def abort(self) -> None:
+        self._out.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def cache_key(upstream: SpeechUpstream, items: Sequence[SpokenCaption], precision: str) -> tuple[str, dict]:
+    """A key that changes with the upstream (name, files, a weight sample, settings), the precision the
+    states were computed in, and each clip (path, size, modification time)."""
+    digest = hashlib.sha256()
+    source = Path(upstream.name_or_path)
+    files = sorted(source.rglob("*")) if source.is_dir() else []
+    inputs = {"upstream": str(upstream.name_or_path), "precision": precision,
+              "normalize_waveform": bool(upstream.normalize_waveform), "final_norm": bool(getattr(upstream, "final_norm", False)),
+              "upstream_files": [[str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
+    digest.update(json.dumps(inputs, sort_keys=True).encode())
+    parameters = list(upstream.model.parameters())
+    for parameter in parameters[:: max(1, len(parameters) // 8)]:
+        digest.update(parameter.detach().float().cpu().numpy().tobytes()[:4096])
+    for item in items:
+        stat = os.stat(item.audio)
+        digest.update(f"{item.audio}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24], {**inputs, "clips": len(items)}
+
+
+def _load_batch(items: Sequence[SpokenCaption], rows: list[int], on_error: str,
+                skipped: dict[str, str]) -> tuple[list[int], list[torch.Tensor]]:
+    """Decode a batch; a bad clip raises (naming it) or, with on_error='skip', is recorded and left out."""
+    good, waves = [], []
+    for row in rows:
+        try:
+            waves.append(torch.from_numpy(load_audio(items[row].audio)))
+            good.append(row)
+        except AudioError as error:
+            if on_error != "skip":
+                raise
+            skipped[str(items[row].audio)] = str(error).split(": ", 1)[-1]
+    return good, waves
+
+
+@torch.no_grad()
+def build_state_cache(upstream: SpeechUpstream, items: Sequence[SpokenCaption], lengths: Sequence[int], cache_dir: str | Path,
+                      batch_size: int = 32, on_error: str = "raise", autocast: Callable[[], object] = nullcontext,
+                      precision: str = "32-true", progress: bool = True) -> StateStore:
+    """The states of every clip of `items` (row order), computed once, batched by similar length, or the
+    cache a previous run made of the same upstream and clips."""
+    key, inputs = cache_key(upstream, items, precision)
+    folder = Path(cache_dir) / "upstream_states" / key
+    if (folder / "meta.json").is_file():
+        return StateStore(folder)
+    writer = StateCacheWriter(folder, len(items))
+    skipped: dict[str, str] = {}
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    device = next(upstream.model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="upstream states", disable=not progress, unit="batch"):
+            rows, waves = _load_batch(items, order[start : start + batch_size], on_error, skipped)
+            if not rows:
+                continue
+            waves, sample_lengths = pad_batch(waves)
+            with autocast():
+                hidden, mask = upstream(waves.to(device), sample_lengths.to(device))
+            for position, row in enumerate(rows):
+                writer.add(row, hidden[:, position, : int(mask[position].sum())])
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.commit(inputs, skipped)
 
 
 @torch.no_grad()
 def upstream_states(upstream: SpeechUpstream, items: Sequence[SpokenCaption], lengths: Sequence[int],
                     batch_size: int = 32, progress: bool = True) -> list[torch.Tensor]:
-    """Per clip: (L+1, T_i, D) float16 hidden states, batched by similar length."""
+    """Per clip: (L+1, T_i, D) float16 hidden states in memory (small data and probes only; training
+    uses `build_state_cache`)."""
     order = sorted(range(len(items)), key=lambda i: lengths[i])
     states: list[torch.Tensor | None] = [None] * len(items)
     device = next(upstream.model.parameters()).device

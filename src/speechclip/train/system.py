@@ -1,8 +1,9 @@
-"""Lightning system: owns the loss, the optimiser and its schedule, validation recall, and keeps the
-frozen encoders out of checkpoints."""
+"""Lightning system: owns the loss, the optimiser and its schedule, validation recall and the best/
+export, and keeps the frozen encoders out of checkpoints."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,9 @@ from ..loss import contrastive_loss, gather_batch
 from ..metrics import speech_image_retrieval
 from ..model import FROZEN_PREFIXES, SpeechCLIP
 from .config import TrainConfig
+from .run_folder import replace_folder
+
+BEST_RECORD = "best.json"  # inside best/: the step and validation recall it was chosen for
 
 
 def warmup_then_linear_decay(step: int, warmup: int, total: int, final_ratio: float) -> float:
@@ -29,12 +33,24 @@ class SpeechCLIPSystem(L.LightningModule):
         self.export_dir = Path(export_dir) if export_dir else None
         self.strict_loading = False  # checkpoints hold only the trainable weights
         self.best_recall = float("-inf")
+        self.best_step: int | None = None
+        self.skipped: dict[str, str] = {}  # clips that failed to decode in training (file -> reason)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.image_table: torch.Tensor | None = None  # set by the runner: all train+val image embeddings
         self.start_step = 0  # the step training (re)started from: > 0 after a resume
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step
+        self._adopt_best_on_disk()
+
+    def _adopt_best_on_disk(self) -> None:
+        """best/ only ever improves: a run resumed from a checkpoint older than best/ (killed after a
+        validation that improved it) keeps best/'s recall as the bar."""
+        record = self.export_dir / "best" / BEST_RECORD if self.export_dir else None
+        if record is not None and record.is_file():
+            saved = json.loads(record.read_text())
+            if saved["recall_mean"] > self.best_recall:
+                self.best_recall, self.best_step = float(saved["recall_mean"]), int(saved["step"])
 
     # ---- training ---------------------------------------------------------------------------------
     def _image_embeds(self, batch: dict) -> torch.Tensor:
@@ -51,6 +67,8 @@ class SpeechCLIPSystem(L.LightningModule):
         return self.model(batch["waves"], batch["lengths"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.model.set_training_step(self.global_step)  # CIF's length scaling follows the step
+        self.skipped.update(dict(batch.get("skipped", ())))
         output = self._speech(batch)
         images = self._gather(self._image_embeds(batch).float())
         image_ids = self._gather(batch["image_ids"])
@@ -62,9 +80,11 @@ class SpeechCLIPSystem(L.LightningModule):
             losses["cascaded"] = contrastive_loss(self._gather(output.cascaded.embeds), images, scale, image_ids)
         weights = {"parallel": self.model.config.parallel_loss_weight, "cascaded": self.model.config.cascaded_loss_weight}
         loss = sum(weights[name] * value for name, value in losses.items())
+        aux = dict(output.aux_losses or {})  # already weighted by the model (e.g. CIF's quantity loss)
+        loss = loss + sum(aux.values())
         size = len(batch["image_ids"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        for name, value in losses.items():
+        for name, value in {**losses, **aux}.items():
             self.log(f"train/loss_{name}", value, batch_size=size)
         self.log("train/logit_scale", scale, batch_size=size)
         return loss
@@ -98,15 +118,22 @@ class SpeechCLIPSystem(L.LightningModule):
                 self.log(f"val/{task}_r{k}", value, sync_dist=False)
         self.log("val/recall_mean", mean, prog_bar=True, sync_dist=False)
         if mean > self.best_recall and not self.trainer.sanity_checking:
-            self.best_recall = mean
+            self.best_recall, self.best_step = mean, self.global_step
             if self.export_dir is not None and self.trainer.is_global_zero:
-                self.model.save_pretrained(self.export_dir / "best")
+                replace_folder(self.export_dir / "best", self._write_best)
 
-    # ---- checkpoints: trainable weights only --------------------------------------------------------
+    def _write_best(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        (folder / BEST_RECORD).write_text(json.dumps({"step": self.best_step, "recall_mean": self.best_recall}) + "\n")
+
+    # ---- checkpoints: trainable weights only, and the run's bookkeeping ----------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = tuple(f"model.{p}" for p in FROZEN_PREFIXES)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
-        checkpoint["best_recall"] = self.best_recall
+        checkpoint["speechclip"] = {"best_recall": self.best_recall, "best_step": self.best_step, "skipped": dict(self.skipped)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.best_recall = checkpoint.get("best_recall", float("-inf"))
+        state = checkpoint.get("speechclip", {})
+        self.best_recall = float(state.get("best_recall", float("-inf")))
+        self.best_step = state.get("best_step")
+        self.skipped = dict(state.get("skipped", {}))
