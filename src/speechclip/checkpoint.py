@@ -38,7 +38,8 @@ def fingerprint(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        picks = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long()
+        count = min(64, flat.numel())
+        picks = torch.arange(count, dtype=torch.long) * max(flat.numel() - 1, 0) // max(count - 1, 1)  # exact integers
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(flat[picks].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

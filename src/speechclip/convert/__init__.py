@@ -42,17 +42,19 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool 
     staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        weights, head_keys = head_weights(state, source)
+        weights = {k: v.clone() for k, v in weights.items()}  # small; the memory-mapped file can then be let go
+        vocab, full_table = keyword_vocab(state, source)
         hubert_config, hubert_state, upstream_keys = convert_fairseq_hubert(state, UPSTREAM_PREFIX, large, source)
         save_hubert_folder(hubert_config, hubert_state, staging / UPSTREAM_FOLDER, values["normalize_waveform"])
         del hubert_state
-        vocab, full_table = keyword_vocab(state, source)
         clip_config, clip_state, clip_keys = convert_openai_clip(state, CLIP_PREFIX, full_table, source)
         save_clip_folder(clip_config, clip_state, openai_clip_tokenizer(), staging / CLIP_FOLDER)
-        del clip_state
-        weights, head_keys = head_weights(state, source)
+        del clip_state, full_table
         unused = sorted(set(state) - upstream_keys - clip_keys - head_keys - {FULL_TABLE})
         if unused:
             raise ConversionError(f"{source}: {unused[0]}: no conversion rule for this key ({len(unused)} left)")
+        released.state, state = {}, None  # unmap the checkpoint before the model loads its own copy of the encoders
         if values["variant"] != "parallel":
             values.setdefault("cascaded", {})["keyword_vocab"] = vocab
         values.update(upstream=str(staging / UPSTREAM_FOLDER), clip=str(staging / CLIP_FOLDER))
