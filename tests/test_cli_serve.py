@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from speechclip.cli import main
+from speechclip.embed import load_embeddings
 from speechclip.model import SpeechCLIP
 from tests.conftest import tiny_model_config
 
@@ -20,11 +21,12 @@ def checkpoint(encoders, tmp_path_factory):
 
 def test_embed_index_search_keywords(checkpoint, tiny_corpus, tmp_path, capsys):
     manifest = f"{tiny_corpus}/test.jsonl"
-    main(["embed", "--checkpoint", str(checkpoint), "--manifest", manifest, "--out", str(tmp_path / "emb")])
+    main(["embed", "--checkpoint", str(checkpoint), "--manifest", manifest, "--out", str(tmp_path / "emb"), "--no-progress"])
     written = json.loads(capsys.readouterr().out)
-    assert set(written) == {"speech", "image", "text"}
-    main(["index", "--embeddings", str(tmp_path / "emb" / "image.safetensors"), "--out", str(tmp_path / "idx")])
-    first = json.loads((tmp_path / "emb" / "speech.ids.json").read_text())[0]
+    assert set(written["kinds"]) == {"speech", "image", "text"} and written["kinds"]["speech"] == written["kinds"]["text"] > 0
+    main(["index", "--embeddings", str(tmp_path / "emb"), "--what", "image", "--out", str(tmp_path / "idx")])
+    assert "flat index of " in capsys.readouterr().out  # the plan and its memory estimate, printed first
+    first = load_embeddings(tmp_path / "emb", "speech")[1][0]
     capsys.readouterr()
     main(["search", "--index", str(tmp_path / "idx"), "--checkpoint", str(checkpoint), "--audio", first, "-k", "3"])
     lines = capsys.readouterr().out.strip().splitlines()

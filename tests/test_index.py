@@ -44,3 +44,34 @@ def test_errors_name_the_problem(tmp_path):
         EmbeddingIndex.load(tmp_path)
     with pytest.raises(ValueError, match="kind"):
         EmbeddingIndex.build(_clustered(20), [str(i) for i in range(20)], "lsh")
+
+
+def test_plan_picks_the_kind_by_size_and_estimates_memory():
+    from speechclip.index import plan_index
+
+    assert [plan_index(n, 512).kind for n in (1000, 500_000, 10_000_000)] == ["flat", "ivf", "ivfpq"]
+    plan = plan_index(10_000_000, 512, id_chars=10)
+    assert plan.params == {"nlist": 2048, "nprobe": 32, "m": 64, "nbits": 8}  # ~sqrt(N) lists, 8 dims per sub-quantizer
+    assert plan.memory["codes"] == 10_000_000 * (64 + 8)  # 64-byte codes + FAISS's int64 ids
+    assert plan.memory["centroids"] == (2048 + 256) * 512 * 4 and plan.memory["ids"] == 10_000_000 * (10 + 57)
+    assert "ivfpq index of 10,000,000 x 512" in plan.describe() and "codes 687 MB" in plan.describe()
+    assert plan_index(10_000_000, 512).memory["codes"] < plan_index(10_000_000, 512, "flat").memory["vectors"] / 25
+    with pytest.raises(ValueError, match="m: 7 sub-quantizers must divide the dimension 32"):
+        plan_index(1000, 32, "ivfpq", m=7)
+
+
+def test_ivfpq_recall_on_clustered_vectors(tmp_path):
+    vectors = _clustered(5000, seed=1)
+    queries = _clustered(100, seed=2)
+    ids = [str(i) for i in range(len(vectors))]
+    exact = EmbeddingIndex.build(vectors, ids, "flat").search_rows(queries, 10)[1]
+    compressed = EmbeddingIndex.build(vectors, ids, "ivfpq")
+    assert compressed.params["m"] == 4 and compressed.index.code_size == 4  # 4 bytes a vector instead of 128
+    found = compressed.search_rows(queries, 10)[1]
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact)])
+    assert recall >= 0.35  # 4-byte codes; a random ranking would give 0.002
+    assert np.mean([e[0] in a for a, e in zip(found, exact)]) >= 0.6  # the true nearest is mostly in the top 10
+    scores = compressed.search(vectors[:5], k=1)
+    assert all(abs(hits[0][1] - 1.0) < 0.1 for hits in scores)  # scores are cosines, not PQ distances
+    reloaded = EmbeddingIndex.load(compressed.save(tmp_path / "pq"))
+    assert reloaded.params == compressed.params and (reloaded.search_rows(queries, 10)[1] == found).all()

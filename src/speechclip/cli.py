@@ -54,7 +54,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .embed import embed_items
+    from .embed import embed_collection, read_manifest as read_embeddings
     from .data import read_dataset, read_manifest
     from .model import SpeechCLIP
 
@@ -64,8 +64,20 @@ def cmd_embed(args) -> None:
     else:
         config = _run_config_for(Path(args.checkpoint), args.config, args.set)
         items = read_dataset(config.data.kind, config.data.root, args.split, **config.data.options)
-    written = embed_items(model, items, Path(args.out), args.what.split(","), batch_size=args.batch_size)
-    print(json.dumps({k: str(v) for k, v in written.items()}, indent=2))
+    what, out = args.what.split(","), Path(args.out)
+    distributed = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
+    if any(value is not None for value in distributed.values()):  # Lightning: several GPUs or nodes
+        from .train.embed_job import run_embed_job
+
+        given = {k: (int(v) if k == "num_nodes" or (k == "devices" and v.isdigit()) else v) for k, v in distributed.items() if v is not None}
+        manifest = run_embed_job(model, items, out, what, batch_size=args.batch_size, shard_size=args.shard_size,
+                                 workers=args.workers, progress=not args.no_progress, **given)
+    else:
+        manifest = embed_collection(model, items, out, what, batch_size=args.batch_size, shard_size=args.shard_size,
+                                    progress=not args.no_progress)
+    if manifest.is_file():  # under Lightning's ddp launcher, only rank 0 writes it
+        kinds = read_embeddings(out)["kinds"]
+        print(json.dumps({"manifest": str(manifest), "kinds": {k: v["count"] for k, v in kinds.items()}}, indent=2))
 
 
 def cmd_keywords(args) -> None:
@@ -95,7 +107,8 @@ def cmd_demo(args) -> None:
 def cmd_index(args) -> None:
     from .index import build_index_from_embeddings
 
-    index = build_index_from_embeddings(Path(args.embeddings), Path(args.out), kind=args.kind)
+    options = {k: v for k, v in {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.m}.items() if v is not None}
+    index = build_index_from_embeddings(Path(args.embeddings), Path(args.out), kind=args.kind, what=args.what, **options)
     print(f"index of {index.size} vectors ({index.kind}) written to {args.out}")
 
 
@@ -176,15 +189,24 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     evaluate.set_defaults(func=cmd_eval)
 
-    embed = sub.add_parser("embed", help="write speech/image/text embeddings with their ids")
+    embed = sub.add_parser("embed", help="write speech/image/text embeddings with their ids, in resumable shards")
     embed.add_argument("--checkpoint", required=True)
     embed.add_argument("--manifest", help="a JSONL/CSV manifest (else the run config's split)")
     embed.add_argument("--config")
     embed.add_argument("--split", default="test")
     embed.add_argument("--what", default="speech,image,text")
-    embed.add_argument("--out", required=True)
+    embed.add_argument("--out", required=True, help="a folder: <kind>-NNNNN.safetensors shards + manifest.json; "
+                                                    "rerun the same command to finish an interrupted export")
     embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--shard-size", type=int, default=10_000, help="items per shard file")
     embed.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    embed.add_argument("--no-progress", action="store_true")
+    # any of these runs the export through Lightning (as training does): several GPUs or nodes
+    embed.add_argument("--accelerator", help="Lightning accelerator (cpu, gpu, auto)")
+    embed.add_argument("--devices", help="Lightning devices per node (a count, a list or auto)")
+    embed.add_argument("--num-nodes", type=int)
+    embed.add_argument("--strategy", help="Lightning strategy (ddp, ddp_spawn, auto)")
+    embed.add_argument("--workers", type=int, default=0, help="DataLoader workers reading audio/images (Lightning path)")
     embed.set_defaults(func=cmd_embed)
 
     convert = sub.add_parser("convert", help="a released SpeechCLIP / SpeechCLIP+ .ckpt -> a self-contained folder")
@@ -199,10 +221,15 @@ def _parser() -> argparse.ArgumentParser:
     keywords.add_argument("audio", nargs="+")
     keywords.set_defaults(func=cmd_keywords)
 
-    index = sub.add_parser("index", help="build a FAISS index from an embeddings file")
-    index.add_argument("--embeddings", required=True, help="a .safetensors written by `speechclip embed`")
+    index = sub.add_parser("index", help="build a FAISS index from `speechclip embed` output, shard by shard")
+    index.add_argument("--embeddings", required=True, help="the folder `speechclip embed` wrote (or an older <kind>.safetensors)")
+    index.add_argument("--what", help="speech, image or text (needed when the folder holds several)")
     index.add_argument("--out", required=True)
-    index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    index.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw", "ivf", "ivfpq"],
+                       help="auto: exact to 100k vectors, IVF to 1M, IVF-PQ (compressed, 64 B a 512-d vector) above")
+    index.add_argument("--nlist", type=int, help="IVF lists (default: ~4 sqrt(N) for ivf, ~sqrt(N) for ivfpq)")
+    index.add_argument("--nprobe", type=int, help="IVF lists visited per query")
+    index.add_argument("--m", type=int, help="IVF-PQ sub-quantizers (bytes per code; must divide the dimension)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="query an index with speech, text or an image")

@@ -1,53 +1,254 @@
-"""Embedding export: one `<kind>.safetensors` ("embeddings": (N, D), L2-normalised) per kind, with its
-ids in `<kind>.ids.json` beside it (the format `speechclip index` reads)."""
+"""Embedding export at any size: each kind (speech, image, text) streams into shards on disk.
+
+An output folder holds `<kind>-00000.safetensors`, `<kind>-00001.safetensors`, ... ("embeddings": (n, D)
+float32, L2-normalised; the shard's ids, kind and number in the safetensors metadata) and `manifest.json`,
+written last and atomically, listing every kind's shards. A shard is written under a temporary name and
+renamed when whole, so a file with a shard's name is always complete: a rerun after an interruption skips
+the shards whose ids are the ones it would write and does the rest. Memory holds one shard's embeddings and
+one batch of inputs, whatever the collection size. Shard s of a kind holds items [s * shard_size, (s + 1) *
+shard_size) of that kind, so any process (or GPU rank, `train/embed_job.py`) can write any shard.
+
+The earlier single-file format (`<kind>.safetensors` + `<kind>.ids.json`) is still read.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import soundfile
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
+from .audio import pad_batch, to_waveform
 from .data.items import SpokenCaption
+from .images import load_image
 from .model import SpeechCLIP
 
 KINDS = ("speech", "image", "text")
+SHARD_SIZE = 10_000  # 20 MB of 512-d float32 per shard
+MANIFEST = "manifest.json"
+FORMAT = "speechclip-embeddings/1"
 
 
-def save_embeddings(embeddings: torch.Tensor, ids: Sequence[str], path: Path, meta: dict | None = None) -> Path:
-    if len(ids) != len(embeddings):
-        raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} embeddings")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeddings": embeddings.float().contiguous()}, str(path), metadata={k: str(v) for k, v in (meta or {}).items()})
-    path.with_suffix(".ids.json").write_text(json.dumps(list(ids)))
-    return path
+@dataclass
+class Collection:
+    """One kind's inputs in export order: `ids[i]` names the embedding of `inputs[i]`."""
+
+    kind: str
+    ids: list[str]
+    inputs: list  # audio paths, image paths or texts
+
+    def shards(self, shard_size: int) -> list[tuple[int, int]]:
+        return [(start, min(start + shard_size, len(self.ids))) for start in range(0, len(self.ids), shard_size)]
 
 
-def load_embeddings(path: Path) -> tuple[torch.Tensor, list[str]]:
-    ids_path = path.with_suffix(".ids.json")
-    if not path.is_file() or not ids_path.is_file():
-        raise FileNotFoundError(f"{path}: expected an embeddings .safetensors with {ids_path.name} beside it")
-    return load_file(str(path))["embeddings"], json.loads(ids_path.read_text())
-
-
-def embed_items(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Path, what: Sequence[str], batch_size: int = 32) -> dict[str, Path]:
+def collections(items: Sequence[SpokenCaption], what: Sequence[str]) -> list[Collection]:
+    """speech: one per clip (id: the audio path); image: one per distinct image_id; text: one per clip with a
+    transcript (id: the audio path, so speech and text rows pair up)."""
     unknown = set(what) - set(KINDS)
     if unknown:
         raise ValueError(f"--what: unknown kind(s) {sorted(unknown)}; choose from {KINDS}")
-    meta = {"upstream": model.config.upstream, "clip": model.config.clip}
-    written = {}
+    result = []
     if "speech" in what:
-        embeds = model.encode_speech([i.audio for i in items], batch_size=batch_size)
-        written["speech"] = save_embeddings(embeds, [str(i.audio) for i in items], out / "speech.safetensors", meta)
+        result.append(Collection("speech", [str(i.audio) for i in items], [i.audio for i in items]))
     if "image" in what:
         images = {i.image_id: i.image for i in items}
-        chunks = [model.encode_image(list(images.values())[s : s + batch_size]) for s in range(0, len(images), batch_size)]
-        written["image"] = save_embeddings(torch.cat(chunks), list(images), out / "image.safetensors", meta)
+        result.append(Collection("image", list(images), list(images.values())))
     if "text" in what:
         texts = [i for i in items if i.text]
-        if texts:
-            embeds = torch.cat([model.encode_text([i.text for i in texts[s : s + batch_size]]) for s in range(0, len(texts), batch_size)])
-            written["text"] = save_embeddings(embeds, [str(i.audio) for i in texts], out / "text.safetensors", meta)
-    return written
+        result.append(Collection("text", [str(i.audio) for i in texts], [i.text for i in texts]))
+    return result
+
+
+def shard_path(out: Path, kind: str, number: int) -> Path:
+    return Path(out) / f"{kind}-{number:05d}.safetensors"
+
+
+# ---- one batch: prepared (CPU, a DataLoader worker can do it) then encoded (the model's device) ---------------
+def prepare_batch(model: SpeechCLIP, kind: str, inputs: Sequence) -> dict[str, torch.Tensor]:
+    """Read and pad a batch: waveforms, image pixels or text tokens."""
+    if kind == "speech":
+        waves, lengths = pad_batch([to_waveform(a, name=str(a)) for a in inputs])
+        return {"waves": waves, "lengths": lengths}
+    if kind == "image":
+        return {"pixels": model.clip.preprocess_images([load_image(p) for p in inputs])}
+    return dict(model.clip.tokenize(list(inputs)))
+
+
+@torch.no_grad()
+def encode_prepared(model: SpeechCLIP, kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, D) L2-normalised float32 embeddings on the CPU; speech takes `encode_speech`'s default branch."""
+    if kind == "speech":
+        embeds = model(batch["waves"].to(model.device), batch["lengths"].to(model.device)).embeds
+    elif kind == "image":
+        embeds = model.clip.image_features(batch["pixels"])
+    else:
+        embeds = model.clip.text_features(batch["input_ids"], batch["attention_mask"])
+    return torch.nn.functional.normalize(embeds.float(), dim=-1).cpu()
+
+
+def clip_seconds(audio) -> float:
+    """A clip's duration from its file header (0 for in-memory audio or an unreadable file, whose loading
+    then raises the error that names it)."""
+    if not isinstance(audio, (str, Path)):
+        return 0.0
+    try:
+        return soundfile.info(str(audio)).duration
+    except (RuntimeError, soundfile.LibsndfileError):
+        return 0.0
+
+
+def batches(collection: Collection, start: int, stop: int, batch_size: int) -> list[list[int]]:
+    """Rows of one shard in batches; speech shortest first (headers only), so a batch pads little."""
+    rows = list(range(start, stop))
+    if collection.kind == "speech":
+        rows.sort(key=lambda row: clip_seconds(collection.inputs[row]))
+    return [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+
+
+# ---- shards and manifest ---------------------------------------------------------------------------------
+def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: dict) -> Path:
+    """Write under a temporary name, then rename: a shard file is never seen half-written."""
+    if len(ids) != len(embeddings):
+        raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} embeddings")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    metadata = {"ids": json.dumps(list(ids)), **{k: str(v) for k, v in meta.items()}}
+    save_file({"embeddings": embeddings.float().contiguous()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def shard_is_done(path: Path, ids: Sequence[str]) -> bool:
+    """True when `path` holds these ids; an error when it holds others (another input or shard size)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            written = json.loads((file.metadata() or {}).get("ids", "null"))
+    except (OSError, ValueError) as error:  # not a shard we wrote (renames make torn files impossible)
+        raise ValueError(f"{path}: unreadable shard ({error}); delete it to embed it again") from error
+    if written != list(ids):
+        raise ValueError(f"{path}: holds other items than this run's shard (another manifest or --shard-size); "
+                         "use another --out or delete the folder")
+    return True
+
+
+def write_manifest(out: Path, done: Sequence[Collection], shard_size: int, meta: dict) -> Path:
+    """After every shard of `done` exists: list them in manifest.json (atomically), keeping other kinds
+    an earlier run wrote into the same folder."""
+    out = Path(out)
+    manifest = read_manifest(out) if (out / MANIFEST).is_file() else {"format": FORMAT, "kinds": {}}
+    manifest.update({"format": FORMAT, "model": meta, "shard_size": shard_size})
+    for collection in done:
+        shards = []
+        for number, (start, stop) in enumerate(collection.shards(shard_size)):
+            path = shard_path(out, collection.kind, number)
+            if not shard_is_done(path, collection.ids[start:stop]):
+                raise FileNotFoundError(f"{path}: missing; run `speechclip embed` again to finish it")
+            shards.append({"file": path.name, "count": stop - start})
+        dim = _shard_dim(out / shards[0]["file"]) if shards else 0
+        manifest["kinds"][collection.kind] = {"count": len(collection.ids), "dim": dim, "shards": shards}
+    tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return out / MANIFEST
+
+
+def _shard_dim(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as file:
+        return int(file.get_slice("embeddings").get_shape()[1])
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; `speechclip embed` writes it when every shard is done")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+# ---- the single-process export ---------------------------------------------------------------------------
+def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Path, what: Sequence[str] = KINDS,
+                     batch_size: int = 32, shard_size: int = SHARD_SIZE, progress: bool = False) -> Path:
+    """Embed every kind in `what` into shards under `out`, skipping finished shards; returns manifest.json."""
+    model.eval()
+    meta = {"upstream": model.config.upstream, "clip": model.config.clip}
+    todo = collections(items, what)
+    for collection in todo:
+        for number, (start, stop) in enumerate(tqdm(collection.shards(shard_size), desc=f"{collection.kind} shards", disable=not progress)):
+            path = shard_path(out, collection.kind, number)
+            if shard_is_done(path, collection.ids[start:stop]):
+                continue
+            embeddings = None
+            for rows in batches(collection, start, stop, batch_size):
+                batch = encode_prepared(model, collection.kind, prepare_batch(model, collection.kind, [collection.inputs[r] for r in rows]))
+                if embeddings is None:
+                    embeddings = torch.empty(stop - start, batch.shape[1])
+                embeddings[torch.tensor(rows) - start] = batch
+            write_shard(path, embeddings, collection.ids[start:stop], {**meta, "kind": collection.kind, "shard": number})
+    return write_manifest(out, todo, shard_size, meta)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+@dataclass
+class EmbeddingSource:
+    """One kind's embeddings on disk: a manifest's shards, or one file of the earlier format."""
+
+    files: list[Path]
+    count: int
+    dim: int
+    legacy: bool = False
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """(n, D) embeddings and their ids, one shard at a time."""
+        for path in self.files:
+            if self.legacy:
+                yield load_embeddings(path)
+                continue
+            with safe_open(str(path), framework="pt") as file:
+                ids = json.loads((file.metadata() or {})["ids"])
+                yield file.get_tensor("embeddings"), ids
+
+    def id_chars(self) -> int:
+        """Mean id length in the first chunk (for the index's memory estimate)."""
+        for _, ids in self.chunks():
+            return round(sum(map(len, ids)) / max(1, len(ids)))
+        return 0
+
+
+def embedding_source(path: Path, what: str | None = None) -> EmbeddingSource:
+    """A folder written by `speechclip embed` (with `what` when it holds several kinds) or an earlier
+    `<kind>.safetensors` file."""
+    path = Path(path)
+    if path.is_file():
+        vectors, _ = load_embeddings(path)
+        return EmbeddingSource([path], len(vectors), vectors.shape[1], legacy=True)
+    kinds = read_manifest(path)["kinds"]
+    if what is None and len(kinds) == 1:
+        what = next(iter(kinds))
+    if what not in kinds:
+        raise ValueError(f"{path / MANIFEST}: choose --what from {sorted(kinds)}" + (f" (no {what!r})" if what else ""))
+    entry = kinds[what]
+    return EmbeddingSource([path / s["file"] for s in entry["shards"]], entry["count"], entry["dim"])
+
+
+def load_embeddings(path: Path, what: str | None = None) -> tuple[torch.Tensor, list[str]]:
+    """All of one kind in memory: from an earlier `<kind>.safetensors` (+ `<kind>.ids.json`) or a folder
+    of shards. For collections larger than memory, iterate `embedding_source(...).chunks()` instead."""
+    path = Path(path)
+    if path.is_dir():
+        parts = list(embedding_source(path, what).chunks())
+        return torch.cat([p[0] for p in parts]), [i for p in parts for i in p[1]]
+    ids_path = path.with_suffix(".ids.json")
+    if not path.is_file() or not ids_path.is_file():
+        raise FileNotFoundError(f"{path}: expected an embeddings .safetensors with {ids_path.name} beside it, or a folder with {MANIFEST}")
+    return load_file(str(path))["embeddings"], json.loads(ids_path.read_text())

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import soundfile
 import torch
 
 from .data.items import SpokenCaption, image_table
+from .embed import clip_seconds
 from .image_cache import ImageEmbeddingCache
 from .metrics import keyword_hit_rate, speech_image_retrieval, speech_text_retrieval
 from .model import SpeechCLIP, SpeechOutput
@@ -50,14 +50,8 @@ def evaluate(model: SpeechCLIP, items: Sequence[SpokenCaption], cache: ImageEmbe
 
 
 def duration_order(items: Sequence[SpokenCaption]) -> list[int]:
-    """Item rows, shortest clip first (file headers only); an unreadable file sorts first and its loading
-    then raises the error that names it."""
-    def seconds(item: SpokenCaption) -> float:
-        try:
-            return soundfile.info(str(item.audio)).duration
-        except (RuntimeError, soundfile.LibsndfileError):
-            return 0.0
-    return sorted(range(len(items)), key=lambda row: seconds(items[row]))
+    """Item rows, shortest clip first (file headers only)."""
+    return sorted(range(len(items)), key=lambda row: clip_seconds(items[row].audio))
 
 
 def encode_speech_streamed(model: SpeechCLIP, items: Sequence[SpokenCaption], batch_size: int = 32) -> SpeechResults:

@@ -1,6 +1,9 @@
-"""Search exported embeddings with FAISS: exact inner product for small collections, IVF or HNSW for
-large ones, the ids kept beside the index. Embeddings are L2-normalised, so inner product = cosine.
+"""Search exported embeddings with FAISS: exact inner product for small collections, IVF or HNSW for large
+ones, IVF-PQ (compressed codes, 32x smaller than float32) for collections too large for memory; the ids
+kept beside the index. Embeddings are L2-normalised, so inner product = cosine.
 
+Built from chunks (the shards `speechclip embed` writes): a first pass draws the training sample, a second
+adds the vectors shard by shard, so the raw vectors are never all in memory.
 A saved index is a folder: `index.faiss` (FAISS's own format, no pickle), `ids.json`, `meta.json`.
 """
 
@@ -8,12 +11,19 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 EXACT_LIMIT = 100_000  # "auto" keeps exact search up to this many vectors
+IVF_LIMIT = 1_000_000  # ... IVF on raw float32 vectors up to this many (2 GB at 512-d), IVF-PQ above
+KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+ID_BYTES = 8  # FAISS keeps an int64 id beside each vector in an inverted list
+PY_STR_OVERHEAD = 49 + 8  # bytes of a Python str object (ASCII) and its slot in the ids list
+
+Chunks = Callable[[], Iterable[tuple[np.ndarray, Sequence[str]]]]  # a fresh iterator over (vectors, ids) per call
 
 
 def _faiss():
@@ -30,6 +40,63 @@ def _normalized(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
+def _pq_subquantizers(dim: int) -> int:
+    """The most sub-quantizers that divide `dim` with at least 8 dimensions each (512-d: 64, 64 bytes a code)."""
+    return next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+
+
+@dataclass
+class IndexPlan:
+    """What will be built, chosen from the collection's size before any vector is read."""
+
+    kind: str
+    count: int
+    dim: int
+    params: dict = field(default_factory=dict)
+    sample: int = 0  # training vectors (IVF kinds)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes, by part
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {size / 2**20:,.0f} MB" for name, size in self.memory.items())
+        return (f"{self.kind} index of {self.count:,} x {self.dim} {self.params}: about "
+                f"{sum(self.memory.values()) / 2**20:,.0f} MB in memory ({parts})")
+
+
+def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = None, nprobe: int | None = None,
+               m: int | None = None, nbits: int = 8, hnsw_m: int = 32, ef_search: int = 128, id_chars: int = 16) -> IndexPlan:
+    """Pick the index kind and its parameters for `count` vectors, with a memory estimate (vectors x bytes per
+    code + FAISS ids + centroids + our Python ids of about `id_chars` characters)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "auto":
+        kind = "flat" if count <= EXACT_LIMIT else "ivf" if count <= IVF_LIMIT else "ivfpq"
+    memory = {"ids": count * (id_chars + PY_STR_OVERHEAD)}
+    plan = IndexPlan(kind, count, dim, memory=memory)
+    if kind == "flat":
+        memory["vectors"] = count * dim * 4
+    elif kind == "hnsw":
+        plan.params = {"M": hnsw_m, "efSearch": ef_search}
+        memory["vectors"] = count * dim * 4
+        memory["graph"] = count * hnsw_m * 2 * 4  # level-0 links (upper levels add a few percent)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(count // 39, int(4 * math.sqrt(count))))
+        plan.params = {"nlist": nlist, "nprobe": min(nprobe or 32, nlist)}
+        memory["vectors"] = count * (dim * 4 + ID_BYTES)
+        memory["centroids"] = nlist * dim * 4
+    else:  # ivfpq: ~sqrt(N) lists (a power of two), 8 dimensions per sub-quantizer, 256 centroids each
+        nlist = nlist or max(1, min(count // 39, 2 ** int(math.log2(max(1.0, math.sqrt(count))))))
+        m = m or _pq_subquantizers(dim)
+        if dim % m:
+            raise ValueError(f"m: {m} sub-quantizers must divide the dimension {dim}")
+        plan.params = {"nlist": nlist, "nprobe": min(nprobe or max(16, nlist // 64), nlist), "m": m, "nbits": nbits}
+        memory["codes"] = count * (m * nbits // 8 + ID_BYTES)
+        memory["centroids"] = nlist * dim * 4 + (2**nbits) * dim * 4
+    if kind in ("ivf", "ivfpq"):
+        plan.sample = min(count, 64 * plan.params["nlist"], 256 * 1024)
+        memory["training sample"] = plan.sample * dim * 4
+    return plan
+
+
 class EmbeddingIndex:
     def __init__(self, index, ids: Sequence[str], kind: str, params: dict | None = None):
         self.index, self.ids, self.kind = index, list(ids), kind
@@ -43,33 +110,32 @@ class EmbeddingIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: Sequence[str], kind: str = "auto", nlist: int | None = None,
-              nprobe: int = 32, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0) -> "EmbeddingIndex":
-        """kind: flat (exact) | ivf (k-means cells, `nprobe` visited) | hnsw (graph) | auto."""
+              nprobe: int | None = None, hnsw_m: int = 32, ef_search: int = 128, seed: int = 0, **pq) -> "EmbeddingIndex":
+        """kind: flat (exact) | ivf (k-means cells, `nprobe` visited) | hnsw (graph) | ivfpq (compressed) | auto."""
+        if len(ids) != len(vectors):
+            raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        plan = plan_index(len(vectors), vectors.shape[1], kind, nlist, nprobe, hnsw_m=hnsw_m, ef_search=ef_search, **pq)
+        return cls.build_from_chunks(plan, lambda: [(vectors, ids)], seed=seed)
+
+    @classmethod
+    def build_from_chunks(cls, plan: IndexPlan, chunks: Chunks, seed: int = 0) -> "EmbeddingIndex":
+        """Build `plan` from chunks of (vectors, ids): IVF kinds train on a sample drawn in a first pass
+        (the same rows whatever the chunking), then every kind adds the chunks one at a time."""
         faiss = _faiss()
-        vectors = _normalized(vectors)
-        count, dim = vectors.shape
-        if kind == "auto":
-            kind = "flat" if count <= EXACT_LIMIT else "ivf"
-        if kind == "flat":
-            index, params = faiss.IndexFlatIP(dim), {}
-        elif kind == "ivf":
-            nlist = nlist or max(1, min(count // 39, int(4 * math.sqrt(count))))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(seed)
-            sample = vectors[rng.choice(count, min(count, 64 * nlist), replace=False)]
+        index = _new_index(faiss, plan)
+        if plan.kind in ("ivf", "ivfpq"):
             index.cp.seed = seed
-            index.train(sample)
-            index.nprobe = min(nprobe, nlist)
-            params = {"nlist": nlist, "nprobe": index.nprobe}
-        elif kind == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 64
-            index.hnsw.efSearch = ef_search
-            params = {"M": hnsw_m, "efSearch": ef_search}
-        else:
-            raise ValueError(f"kind: expected auto, flat, ivf or hnsw, got {kind!r}")
-        index.add(vectors)
-        return cls(index, ids, kind, params)
+            index.train(_sample(chunks, plan, seed))
+            index.nprobe = plan.params["nprobe"]
+        all_ids: list[str] = []
+        for vectors, ids in chunks():
+            if len(ids) != len(vectors) or (len(vectors) and vectors.shape[1] != plan.dim):
+                raise ValueError(f"a chunk of {len(ids)} ids and {tuple(vectors.shape)} vectors; expected dimension {plan.dim}")
+            index.add(_normalized(vectors))
+            all_ids += ids
+        if len(all_ids) != plan.count:
+            raise ValueError(f"the chunks held {len(all_ids)} vectors, the plan expected {plan.count}")
+        return cls(index, all_ids, plan.kind, plan.params)
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """(Q, D) queries -> for each, the k best (id, cosine) pairs, best first."""
@@ -80,7 +146,10 @@ class EmbeddingIndex:
         queries = _normalized(np.atleast_2d(queries))
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.index.d}")
-        return self.index.search(queries, min(k, self.size))
+        scores, rows = self.index.search(queries, min(k, self.size))
+        if self.index.metric_type == _faiss().METRIC_L2:  # unit vectors: cosine = 1 - squared distance / 2
+            scores = 1 - scores / 2
+        return scores, rows
 
     def save(self, folder: str | Path) -> Path:
         faiss = _faiss()
@@ -100,18 +169,52 @@ class EmbeddingIndex:
                 raise FileNotFoundError(f"{folder / name}: missing; build the index with `speechclip index`")
         meta = json.loads((folder / "meta.json").read_text())
         index = faiss.read_index(str(folder / "index.faiss"))
-        if meta["kind"] == "ivf":
+        if meta["kind"] in ("ivf", "ivfpq"):
             index.nprobe = meta["params"]["nprobe"]
         elif meta["kind"] == "hnsw":
             index.hnsw.efSearch = meta["params"]["efSearch"]
         return cls(index, json.loads((folder / "ids.json").read_text()), meta["kind"], meta["params"])
 
 
-def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto") -> EmbeddingIndex:
-    """From a `speechclip embed` file (<kind>.safetensors + <kind>.ids.json) to a saved index folder."""
-    from .embed import load_embeddings
+def _new_index(faiss, plan: IndexPlan):
+    d, p = plan.dim, plan.params
+    if plan.kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if plan.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 64
+        index.hnsw.efSearch = p["efSearch"]
+        return index
+    if plan.kind == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], faiss.METRIC_INNER_PRODUCT)
+    # IVF-PQ in L2 on unit vectors (the same ranking as cosine): its residual codes estimate L2 distances
+    # better than inner products (recall@10 0.44 against 0.30 with 8-byte codes on clustered 64-d vectors);
+    # search_rows turns the distances back into cosines
+    return faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"], faiss.METRIC_L2)
 
-    vectors, ids = load_embeddings(embeddings)
-    index = EmbeddingIndex.build(vectors.numpy(), ids, kind)
+
+def _sample(chunks: Chunks, plan: IndexPlan, seed: int) -> np.ndarray:
+    """plan.sample rows drawn at random (by global row number, so any chunking gives the same sample)."""
+    rows = np.sort(np.random.default_rng(seed).choice(plan.count, plan.sample, replace=False))
+    picked, offset = [], 0
+    for vectors, _ in chunks():
+        lo, hi = np.searchsorted(rows, [offset, offset + len(vectors)])
+        if hi > lo:
+            picked.append(_normalized(vectors[rows[lo:hi] - offset]))
+        offset += len(vectors)
+    return np.concatenate(picked) if picked else np.zeros((0, plan.dim), np.float32)
+
+
+def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto", what: str | None = None,
+                                report: Callable[[str], None] = print, **options) -> EmbeddingIndex:
+    """From `speechclip embed` output (a folder of shards with manifest.json and `what` = speech | image |
+    text, or an older single <kind>.safetensors) to a saved index folder, reading one shard at a time.
+    The plan and its memory estimate go to `report` before anything is built."""
+    from .embed import embedding_source
+
+    source = embedding_source(Path(embeddings), what)
+    plan = plan_index(source.count, source.dim, kind, id_chars=source.id_chars(), **options)
+    report(plan.describe())
+    index = EmbeddingIndex.build_from_chunks(plan, lambda: ((v.numpy(), ids) for v, ids in source.chunks()))
     index.save(out)
     return index

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 KS = (1, 5, 10)
 CHUNK_ELEMENTS = 1 << 24  # similarity entries held at once (64 MB of float32), whatever the collection size
 
-RelevantRows = Callable[[int, int], torch.Tensor]  # (start, stop) -> (stop - start, N) bool
+RelevantPairs = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, stop) -> (query row - start, key row)
 
 
 def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, dict[int, float]]:
@@ -31,7 +31,7 @@ def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, relevant: torch.Tenso
     if relevant.shape != (len(queries), len(keys)):
         raise ValueError(f"relevant: expected shape {(len(queries), len(keys))}, got {tuple(relevant.shape)}")
     relevant = relevant.bool()
-    return _recall(queries, keys, lambda start, stop: relevant[start:stop], relevant.sum(1), ks)
+    return _recall(queries, keys, lambda start, stop: relevant[start:stop].nonzero(as_tuple=True), relevant.sum(1), ks)
 
 
 def recall_by_labels(queries: torch.Tensor, keys: torch.Tensor, query_labels: torch.Tensor, key_labels: torch.Tensor,
@@ -41,41 +41,53 @@ def recall_by_labels(queries: torch.Tensor, keys: torch.Tensor, query_labels: to
     if query_labels.shape != (len(queries),) or key_labels.shape != (len(keys),):
         raise ValueError(f"labels: expected ({len(queries)},) query and ({len(keys)},) key labels, "
                          f"got {tuple(query_labels.shape)} and {tuple(key_labels.shape)}")
-    rows = lambda start, stop: query_labels[start:stop, None] == key_labels[None, :]  # noqa: E731
-    return _recall(queries, keys, rows, _label_counts(query_labels, key_labels), ks)
+    order = torch.argsort(key_labels, stable=True)
+    sorted_labels = key_labels[order]
+    first = torch.searchsorted(sorted_labels, query_labels, side="left")
+    counts = torch.searchsorted(sorted_labels, query_labels, side="right") - first
+
+    def pairs(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys sharing each query's label (a run of `order`), as (query, key) pairs."""
+        n = counts[start:stop]
+        rows = torch.repeat_interleave(torch.arange(stop - start), n)
+        offsets = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        return rows, order[torch.repeat_interleave(first[start:stop], n) + offsets]
+
+    return _recall(queries, keys, pairs, counts, ks)
 
 
-def _label_counts(query_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
-    """Per query, how many keys share its label."""
-    _, inverse = torch.unique(torch.cat([query_labels, key_labels]), return_inverse=True)
-    per_label = torch.bincount(inverse[len(query_labels):], minlength=int(inverse.max()) + 1 if len(inverse) else 0)
-    return per_label[inverse[: len(query_labels)]]
-
-
-def _recall(queries: torch.Tensor, keys: torch.Tensor, relevant_rows: RelevantRows, counts: torch.Tensor,
+def _recall(queries: torch.Tensor, keys: torch.Tensor, relevant_pairs: RelevantPairs, counts: torch.Tensor,
             ks: Sequence[int]) -> dict[str, dict[int, float]]:
-    keys = F.normalize(keys.float(), dim=-1)
+    keys_t = F.normalize(keys.float(), dim=-1).T
     ks = [k for k in ks if k <= len(keys)]
     totals = torch.zeros(len(ks), dtype=torch.float64)
     step = max(1, CHUNK_ELEMENTS // max(1, len(keys)))
-    for start in range(0, len(queries), step):
+    buffer = torch.empty(min(step, len(queries)), len(keys))  # reused: a fresh 64 MB block per chunk costs page faults
+    for start in range(0, len(queries) if ks else 0, step):
         stop = min(start + step, len(queries))
-        scores = F.normalize(queries[start:stop].float(), dim=-1) @ keys.T
-        totals += _hit_probability(scores, relevant_rows(start, stop), ks).sum(0)
+        scores = torch.mm(F.normalize(queries[start:stop].float(), dim=-1), keys_t, out=buffer[: stop - start])
+        totals += _hit_probability(scores, *relevant_pairs(start, stop), counts[start:stop], ks).sum(0)
     recall = {k: float(t) / max(1, len(queries)) for k, t in zip(ks, totals)}
     return {"recall": recall, "chance": _chance(counts, len(keys), ks)}
 
 
-def _hit_probability(scores: torch.Tensor, relevant: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """(B, N) scores and relevance -> (B, len(ks)) probability that a relevant key is in the top K, ties
-    broken at random: `above` keys score higher than the best relevant key, and the `tied` keys sharing
-    its score (of which `tied_relevant` are relevant) fill the K - above places left in random order."""
-    best = scores.masked_fill(~relevant, float("-inf")).amax(1, keepdim=True)
-    above = (scores > best).sum(1).double()
-    tied_mask = scores == best
-    tied = tied_mask.sum(1).double()
-    tied_relevant = (tied_mask & relevant).sum(1).double()
-    found = relevant.any(1)
+def _hit_probability(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                     ks: Sequence[int]) -> torch.Tensor:
+    """(B, N) scores and the relevant (row, col) pairs -> (B, len(ks)) probability that a relevant key is in
+    the top K, ties broken at random: `above` keys score higher than the best relevant key, and the `tied`
+    keys sharing its score (`tied_relevant` of them relevant) fill the K - above places left in random order.
+    Only a row's top max(K) + 1 scores are looked at, unless a tie runs on past them."""
+    pair_scores = scores[rows, cols]
+    best = torch.full((len(scores),), float("-inf")).scatter_reduce(0, rows, pair_scores, "amax")
+    tied_relevant = torch.zeros(len(scores), dtype=torch.float64).scatter_add(0, rows, (pair_scores == best[rows]).double())
+    kmax = max(ks)
+    top = scores.topk(min(kmax + 1, scores.shape[1]), dim=1).values
+    above = (top > best[:, None]).sum(1)
+    tied = (top >= best[:, None]).sum(1) - above
+    spill = (counts > 0) & (above + tied == top.shape[1]) & (above < kmax)
+    if spill.any():
+        tied[spill] = (scores[spill] == best[spill, None]).sum(1)
+    above, tied, found = above.double(), tied.double(), counts > 0
     columns = []
     for k in ks:
         places = k - above  # places in the top K left for the tied group

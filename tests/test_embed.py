@@ -1,0 +1,140 @@
+"""Sharded, resumable embedding export; the index built from its shards; the Lightning runner on 2 processes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from speechclip import embed as embed_module
+from speechclip.data import read_dataset
+from speechclip.embed import MANIFEST, embed_collection, embedding_source, load_embeddings, read_manifest, shard_path
+from speechclip.index import EmbeddingIndex, build_index_from_embeddings
+from speechclip.model import SpeechCLIP
+from tests.conftest import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def model(encoders):
+    torch.manual_seed(0)
+    return SpeechCLIP(tiny_model_config(encoders, "parallel")).eval()
+
+
+@pytest.fixture(scope="module")
+def items(tiny_corpus):
+    return read_dataset("manifest", tiny_corpus, "test") + read_dataset("manifest", tiny_corpus, "val")
+
+
+def _shards(folder, kind):
+    """Each shard file's embeddings and ids, by file name."""
+    shards = {}
+    for path in sorted(folder.glob(f"{kind}-*.safetensors")):
+        with safe_open(str(path), framework="pt") as file:
+            shards[path.name] = (file.get_tensor("embeddings"), json.loads(file.metadata()["ids"]))
+    return shards
+
+
+def test_shards_and_manifest(model, items, tmp_path):
+    manifest = read_manifest(embed_collection(model, items, tmp_path, batch_size=4, shard_size=5).parent)
+    assert manifest["kinds"]["speech"]["count"] == len(items)
+    assert [s["count"] for s in manifest["kinds"]["speech"]["shards"]] == [5] * (len(items) // 5) + ([len(items) % 5] if len(items) % 5 else [])
+    vectors, ids = load_embeddings(tmp_path, "speech")
+    assert ids == [str(i.audio) for i in items] and vectors.shape == (len(items), model.clip.embed_dim)
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(len(items)), atol=1e-5)
+    # the shards hold what the model's own API gives, row for row (batches sorted by length, put back in order)
+    assert torch.allclose(vectors[:5], model.encode_speech([i.audio for i in items[:5]]), atol=1e-5)
+    images = {i.image_id for i in items}
+    assert manifest["kinds"]["image"]["count"] == len(images) and manifest["kinds"]["text"]["count"] == len(items)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(model, items, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    embed_collection(model, items, whole, what=["speech"], batch_size=4, shard_size=5)
+    resumed = tmp_path / "resumed"
+    real_write, written = embed_module.write_shard, []
+
+    def write_then_fail(path, *args, **kwargs):
+        if len(written) == 2:
+            (path.parent / f"{path.name}.999.tmp").write_bytes(b"half a shard")  # a write cut short
+            raise KeyboardInterrupt("simulated interruption after shard 2")
+        written.append(path.name)
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "write_shard", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        embed_collection(model, items, resumed, what=["speech"], batch_size=4, shard_size=5)
+    assert sorted(p.name for p in resumed.glob("*.safetensors")) == written == ["speech-00000.safetensors", "speech-00001.safetensors"]
+    assert not (resumed / MANIFEST).exists()
+    monkeypatch.setattr(embed_module, "write_shard", real_write)
+    encoded = []
+    real_encode = embed_module.encode_prepared
+    monkeypatch.setattr(embed_module, "encode_prepared", lambda m, kind, batch: encoded.append(len(next(iter(batch.values())))) or real_encode(m, kind, batch))
+    embed_collection(model, items, resumed, what=["speech"], batch_size=4, shard_size=5)
+    assert sum(encoded) == len(items) - 10  # the two finished shards were skipped, the torn one ignored
+    assert read_manifest(resumed)["kinds"] == read_manifest(whole)["kinds"]
+    whole_shards, resumed_shards = _shards(whole, "speech"), _shards(resumed, "speech")
+    assert whole_shards.keys() == resumed_shards.keys() and len(whole_shards) == (len(items) + 4) // 5
+    for name, (vectors, ids) in whole_shards.items():
+        assert resumed_shards[name][1] == ids and torch.equal(resumed_shards[name][0], vectors)
+
+
+def test_a_shard_from_other_inputs_is_refused(model, items, tmp_path):
+    embed_collection(model, items[:6], tmp_path, what=["speech"], batch_size=4, shard_size=5)
+    with pytest.raises(ValueError, match="speech-00000.safetensors: holds other items"):
+        embed_collection(model, items[1:7], tmp_path, what=["speech"], batch_size=4, shard_size=5)
+
+
+def test_legacy_single_file_still_reads(tmp_path):
+    vectors = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    save_file({"embeddings": vectors}, str(tmp_path / "image.safetensors"))
+    (tmp_path / "image.ids.json").write_text(json.dumps([f"img{i}" for i in range(7)]))
+    loaded, ids = load_embeddings(tmp_path / "image.safetensors")
+    assert torch.equal(loaded, vectors) and ids[0] == "img0"
+    source = embedding_source(tmp_path / "image.safetensors")
+    assert source.count == 7 and source.dim == 8
+
+
+def _write_shards(folder, vectors, ids, shard_size):
+    """A manifest folder of `vectors` in shards, as `speechclip embed` writes it."""
+    collection = embed_module.Collection("image", ids, ids)
+    for number, (start, stop) in enumerate(collection.shards(shard_size)):
+        embed_module.write_shard(shard_path(folder, "image", number), torch.from_numpy(vectors[start:stop]), ids[start:stop], {})
+    embed_module.write_manifest(folder, [collection], shard_size, {})
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq"])
+def test_index_from_shards_equals_index_from_one_file(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = (rng.standard_normal((40, 32))[rng.integers(0, 40, 3000)] + 0.3 * rng.standard_normal((3000, 32))).astype(np.float32)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    _write_shards(tmp_path / "shards", vectors, ids, shard_size=700)
+    save_file({"embeddings": torch.from_numpy(vectors)}, str(tmp_path / "one.safetensors"))
+    (tmp_path / "one.ids.json").write_text(json.dumps(ids))
+    printed = []
+    options = {"nlist": 16} if kind != "flat" else {}
+    sharded = build_index_from_embeddings(tmp_path / "shards", tmp_path / "a", kind, report=printed.append, **options)
+    single = build_index_from_embeddings(tmp_path / "one.safetensors", tmp_path / "b", kind, report=printed.append, **options)
+    assert f"{kind} index of 3,000 x 32" in printed[0] and "MB in memory" in printed[0]
+    queries = vectors[:50] + 0.1
+    assert sharded.ids == single.ids == ids
+    for a, b in zip(sharded.search_rows(queries, 10), single.search_rows(queries, 10)):
+        assert np.array_equal(a, b)
+    reloaded = EmbeddingIndex.load(tmp_path / "a")
+    assert np.array_equal(reloaded.search_rows(queries, 10)[1], sharded.search_rows(queries, 10)[1])
+
+
+@pytest.mark.slow
+def test_lightning_two_processes_write_the_same_shards(model, items, tmp_path):
+    pytest.importorskip("lightning")
+    from speechclip.train.embed_job import run_embed_job
+
+    embed_collection(model, items, tmp_path / "one", batch_size=4, shard_size=5)
+    run_embed_job(model, items, tmp_path / "two", batch_size=4, shard_size=5, accelerator="cpu", devices=2, strategy="ddp_fork")
+    assert read_manifest(tmp_path / "two")["kinds"] == read_manifest(tmp_path / "one")["kinds"]
+    for kind in ("speech", "image", "text"):
+        a, ids_a = load_embeddings(tmp_path / "one", kind)
+        b, ids_b = load_embeddings(tmp_path / "two", kind)
+        assert ids_a == ids_b and torch.allclose(a, b, atol=1e-6)
