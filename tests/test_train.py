@@ -1,9 +1,8 @@
+import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 import yaml
 
 from speechclip.data import read_dataset
+from speechclip.data import image_table, read_dataset
+from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
 from speechclip.train.config import ConfigError, load_run_config
 from speechclip.train.datamodule import LengthGroupedBatchSampler, SpeechImageDataModule
@@ -31,13 +32,15 @@ def test_schedule_warms_up_then_decays():
 def test_length_grouped_batches_cover_ranks_evenly():
     lengths = list(range(100, 0, -1))
     one = LengthGroupedBatchSampler(lengths, 10, bucket=5, seed=3)
-    batches = list(one)
+    batches = [[i for i, _ in b] for b in one]  # keys are (item, crop seed)
     assert len(batches) == 10 and sorted(i for b in batches for i in b) == list(range(100))
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
     assert max(spread) <= 49  # sorted inside pools of 50: a batch never spans the whole range
     ranks = [list(LengthGroupedBatchSampler(lengths, 10, bucket=5, seed=3, rank=r, world_size=3)) for r in range(3)]
     assert len({len(r) for r in ranks}) == 1
     assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
+    # one permutation for all ranks, every third batch each (the tenth batch left out: ranks stay equal)
+    assert sorted(map(tuple, ranks[0] + ranks[1] + ranks[2])) == sorted(map(tuple, list(one)[:9]))
 
 
 def test_config_overrides_and_errors(tmp_path):
@@ -82,28 +85,42 @@ def test_fit_checkpoint_resume_and_eval(encoders, tiny_corpus, tmp_path):
     first = fit(config, run, progress=False)
     assert first["global_step"] == 6 and first["start_step"] == 0
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "final" / "model.safetensors").is_file()
-    assert (run / "best" / "config.json").is_file()
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert not any(k.startswith(("model.upstream.model", "model.clip.model")) for k in checkpoint["state_dict"])
+    # best/ is the model of the best validation, and the summary says which
+    with open(run / "logs" / "metrics.csv", newline="") as file:
+        validations = [(int(r["step"]) + 1, float(r["val/recall_mean"])) for r in csv.DictReader(file) if r["val/recall_mean"]]
+    assert [step for step, _ in validations] == [3, 6]
+    best_step, best = max(validations, key=lambda v: (v[1], -v[0]))
+    assert (first["best_step"], first["best_val_recall_mean"]) == (best_step, pytest.approx(best))
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == best_step
+    assert first["best_step"] == 6 or not _same_file(run / "best", run / "final")  # best/ is not the last model then
+    at_step_6 = (run / "final" / "model.safetensors").read_bytes()
     config.train.max_steps = 9
     resumed = fit(config, run, resume=True, progress=False)
     assert resumed["start_step"] == 6 and resumed["global_step"] == 9
-    result = evaluate_checkpoint(run / "final", config, "test")
-    for task in ("speech_to_image", "image_to_speech", "speech_to_text", "text_to_speech"):
-        recall = result["cascaded"][task]["recall"]
-        assert {1, 5} <= set(recall) and set(recall) == set(result["cascaded"][task]["chance"])
-    assert set(result["cascaded"]["image_to_speech"]["recall"]) == {1, 5, 10}  # 16 captions; 8 images caps K at 5
-    keywords = result["keywords"]
-    assert len(keywords["per_keyword"]) == 4 and keywords["mean_keywords"] == 4.0
-    # the hit rate recounted by hand from the checkpoint's own keywords (known hit rates: tests/test_evaluate.py)
+    assert (run / "final" / "model.safetensors").read_bytes() != at_step_6  # the resumed steps trained
     model = SpeechCLIP.from_pretrained(run / "final")
-    items = read_dataset(config.data.kind, config.data.root, "test", **config.data.options)
+    result = evaluate_checkpoint(run / "final", config, "test")
+    test = read_dataset("manifest", tiny_corpus, "test")
+    outputs = model.speech_outputs([item.audio for item in test])
+    # speech->image R@1 and the keyword hit rate recomputed by hand from the trained model's own outputs
+    table = image_table(test)
+    images = ImageEmbeddingCache(config.train.cache_dir, model.clip).embeddings(table.paths)
+    speech = torch.nn.functional.normalize(torch.cat([o.cascaded.embeds for o in outputs]), dim=-1)
+    top = (speech @ torch.nn.functional.normalize(images, dim=-1).T).argmax(dim=1)
+    r1 = (top == torch.tensor(table.caption_rows)).float().mean().item()
+    assert result["cascaded"]["speech_to_image"]["recall"][1] == pytest.approx(r1, abs=1e-6)
     vocab = set(model.head.keywords.quantizer.vocab_ids.tolist())
-    hits = 0
-    for item, output in zip(items, model.speech_outputs([i.audio for i in items], batch_size=config.train.eval_batch_size)):
+    hits = []
+    for item, output in zip(test, outputs):
         caption = set(model.clip.tokenize([item.text])["input_ids"][0].tolist()) & vocab
-        hits += sum(bool(caption & set(slot)) for slot in model.nearest_subwords(output)[0][0])
-    assert keywords["hit_rate"] == pytest.approx(hits / (4 * len(items)))
+        hits += [bool(caption & set(slot)) for slot in model.nearest_subwords(output)[0][0]]
+    assert result["keywords"]["hit_rate"] == pytest.approx(sum(hits) / len(hits)) and len(result["keywords"]["per_keyword"]) == 4
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
 def test_image_tower_runs_once_per_image(encoders, tiny_corpus, tmp_path, monkeypatch):
@@ -114,32 +131,11 @@ def test_image_tower_runs_once_per_image(encoders, tiny_corpus, tmp_path, monkey
     monkeypatch.setattr(FrozenCLIP, "image_features", lambda self, pixels: calls.append(len(pixels)) or original(self, pixels))
     config = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=12)  # several epochs
     fit(config, tmp_path / "a", progress=False)
-    train_val_images = 30 + 6 - 8  # scenes + clip-art - test images
-    assert sum(calls) <= train_val_images  # a few drawings may fail to render and be dropped
+    distinct = image_table(read_dataset("manifest", tiny_corpus, "train") + read_dataset("manifest", tiny_corpus, "val"))
+    assert sum(calls) == len(distinct.ids) > 0  # the tower ran, once per distinct image
     calls.clear()
     fit(config, tmp_path / "b", progress=False)  # a new run reuses the on-disk cache
     assert calls == []
-
-
-def test_cached_states_follow_the_training_precision(encoders, tiny_corpus, tmp_path):
-    from speechclip.clip import FrozenCLIP
-    from speechclip.train.state_cache import upstream_states
-    from speechclip.upstream import SpeechUpstream
-
-    states = {}
-    for precision in ("32-true", "bf16-mixed"):
-        config = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), cache_upstream_states=True, precision=precision)
-        upstream = SpeechUpstream(config.model.upstream).eval()
-        module = SpeechImageDataModule(config.data, config.train, FrozenCLIP(config.model.clip), upstream)
-        module.setup("fit")
-        states[precision] = module.states["train"]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = upstream_states(upstream, module.items["train"], module.lengths["train"], progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(states["bf16-mixed"], expected))
-    differences = [(a.float() - b.float()).abs().max() for a, b in zip(states["32-true"], states["bf16-mixed"])]
-    assert max(differences) > 0  # the training autocast was applied ...
-    scale = max(a.float().abs().max() for a in states["32-true"])
-    assert max(differences) < 0.1 * scale  # ... and stays a rounding difference
 
 
 def _cli_env():
@@ -150,29 +146,6 @@ def _write_config(path, encoders, corpus, cache, **train):
     config = tiny_run_config(encoders, corpus, cache, **train)
     path.write_text(yaml.safe_dump(config.to_dict()))
     return path
-
-
-@pytest.mark.slow
-def test_killed_training_resumes_from_last_checkpoint(encoders, tiny_corpus, tmp_path):
-    config = _write_config(tmp_path / "c.yaml", encoders, tiny_corpus, str(tmp_path / "cache"),
-                           max_steps=400, checkpoint_every_steps=2, val_every_steps=1000)
-    run = tmp_path / "run"
-    process = subprocess.Popen(CLI + ["train", "--config", str(config), "--run-dir", str(run), "--no-progress"],
-                               env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (last.is_file() and torch.load(last, weights_only=False)["global_step"] >= 4):
-        time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(last, weights_only=False)["global_step"]
-    assert killed_at >= 4
-    done = subprocess.run(CLI + ["train", "--config", str(config), "--run-dir", str(run), "--resume", "--no-progress",
-                                 "--set", f"train.max_steps={killed_at + 2}"],
-                          env=_cli_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["start_step"] == killed_at and summary["global_step"] == killed_at + 2
 
 
 @pytest.mark.slow
@@ -188,3 +161,13 @@ def test_two_process_ddp_ranks_agree(encoders, tiny_corpus, tmp_path):
     assert ranks[0].read_text() == ranks[1].read_text()
     start = SpeechCLIP.from_pretrained(run / "final")
     assert start.config.variant == "parallel"
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["global_step"] == 4
+
+
+def test_global_batch_must_split_evenly_across_processes(encoders, tiny_corpus, tmp_path):
+    config = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), batch_size=5, accelerator="cpu", devices=2,
+                             strategy="ddp")
+    with pytest.raises(ConfigError, match=r"^train.batch_size=5: must be divisible by the 2 training processes"):
+        fit(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
