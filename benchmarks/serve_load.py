@@ -52,7 +52,8 @@ def five_second_query(out: Path) -> Path:
 
 def mini_setup(folder: Path, images: int = 2000) -> tuple[Path, Path]:
     """The demo's model architectures (mini HuBERT 4x128, mini CLIP 3+3x128, hybrid head, 6 keywords) with
-    random weights, saved with save_pretrained, over `images` rendered scenes."""
+    random weights over `images` rendered scenes. Encoders and pictures are cached; the SpeechCLIP itself is
+    saved again each run (seeded), so it always matches the encoders as the current code fingerprints them."""
     import torch
 
     from speechclip import SpeechCLIP, SpeechCLIPConfig
@@ -61,22 +62,21 @@ def mini_setup(folder: Path, images: int = 2000) -> tuple[Path, Path]:
     from speechclip.pretrain.mini_clip import MiniCLIPSpec, clip_config
     from speechclip.pretrain.mini_hubert import MiniHubertSpec, hubert_config
 
-    checkpoint, pictures = folder / "model", folder / "images"
-    if (checkpoint / "model.safetensors").is_file():
-        return checkpoint, pictures
-    rng, texts = random.Random(0), []
-    pictures.mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        scene = random_scene(rng)
-        render(scene).save(pictures / f"scene_{i:05d}.png")
-        texts += captions(scene, rng, 2)
+    clip, hubert, pictures = folder / "clip", folder / "hubert", folder / "images"
+    if not (hubert / "config.json").is_file():
+        rng, texts = random.Random(0), []
+        pictures.mkdir(parents=True, exist_ok=True)
+        for i in range(images):
+            scene = random_scene(rng)
+            render(scene).save(pictures / f"scene_{i:05d}.png")
+            texts += captions(scene, rng, 2)
+        torch.manual_seed(0)
+        tokenizer = train_clip_tokenizer(texts, vocab_size=MiniCLIPSpec().vocab_size)
+        save_mini_clip(clip, tokenizer, clip_config(MiniCLIPSpec(), len(tokenizer)))
+        save_mini_speech(hubert, hubert_config(MiniHubertSpec()))
     torch.manual_seed(0)
-    tokenizer = train_clip_tokenizer(texts, vocab_size=MiniCLIPSpec().vocab_size)
-    clip = save_mini_clip(folder / "clip", tokenizer, clip_config(MiniCLIPSpec(), len(tokenizer)))
-    hubert = save_mini_speech(folder / "hubert", hubert_config(MiniHubertSpec()))
     config = SpeechCLIPConfig(upstream=str(hubert), clip=str(clip), variant="hybrid", cascaded={"num_keywords": 6})
-    SpeechCLIP(config).save_pretrained(checkpoint)
-    return checkpoint, pictures
+    return SpeechCLIP(config).save_pretrained(folder / "model"), pictures
 
 
 def _free_port() -> int:
