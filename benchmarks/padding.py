@@ -38,7 +38,7 @@ def main() -> None:
     flickr_like = np.minimum(rng.lognormal(np.log(4.0 * 16000), 0.4, 30000), 102400).astype(int).tolist()
     rows = []
     for name, lengths in (("offline corpus (train)", corpus), ("Flickr8k-like, 6.4 s crop", flickr_like)):
-        grouped = list(LengthGroupedBatchSampler(lengths, args.batch, bucket=50, seed=0))
+        grouped = [[i for i, _ in b] for b in LengthGroupedBatchSampler(lengths, args.batch, bucket=50, seed=0)]  # (clip, crop seed)
         shuffled = random_batches(len(lengths), args.batch)
         w_grouped, w_random = waste(lengths, grouped), waste(lengths, shuffled)
         rows.append((name, len(lengths), f"{100 * w_random:.1f}%", f"{100 * w_grouped:.1f}%",
