@@ -52,7 +52,9 @@ def encoder_location(name: str, folder: Path, field: str) -> str:
         return str(folder / name)
     if Path(name).expanduser().is_dir():
         return str(Path(name).expanduser())
-    if _HUB_ID.fullmatch(name) and not name.startswith("."):
+    first = Path(name).parts[0] if Path(name).parts else ""
+    local = (folder / first).is_dir() or Path(first).is_dir()  # "encoders/hubert" beside an "encoders" folder
+    if _HUB_ID.fullmatch(name) and not name.startswith(".") and not local:
         return name
     raise CheckpointError(f"{folder / CONFIG_NAME}: {field} {name!r} is not a folder (looked in {folder / name}) "
                           "and does not look like a hub id")
