@@ -4,13 +4,13 @@ The upstream is frozen and in eval mode, so its states for an uncropped clip nev
 clip fits the crop length, epochs 2..N need not run it again. Opt-in (`train.cache_upstream_states`).
 Why a file and not a list of tensors: a Python list of per-clip fp16 tensors is resident in every
 training process (the demo's two side-by-side runs held ~10 GB each), while one fp16 file per split is
-written once and read with `os.pread` per clip, so a process holds only the batch it is building; the
+written once and read with `os.preadv` per clip, so a process holds only the batch it is building; the
 file sits in the page cache, shared by dataloader workers and runs, and the kernel may drop it.
 
 Layout of a cache folder `<cache_dir>/upstream_states/<key>/` (renamed into place only when complete,
 so a killed build is never reused; the key hashes the upstream and the clips, so a stale one neither):
-  states.f16   frames of all clips back to back, frame-major: (frames, L+1, D) float16
-  index.npz    offset (first frame, -1 = skipped) and frames per item row
+  states.f16   the clips back to back, each one (L+1, T_i, D) float16 block
+  index.npz    offset (in rows of D values, -1 = skipped) and frames per item row
   meta.json    L+1, D, the key's inputs and the clips skipped (file -> reason)
 Clips longer than the crop are cropped at the frame level (a window's edge frames then keep the
 context they had in the full clip: an approximation the waveform path does not make).
@@ -36,7 +36,7 @@ from ..upstream import SpeechUpstream
 
 
 class StateStore:
-    """Read side: item row -> (L+1, T_i, D) float16 states, by `os.pread` of the clip's frames only."""
+    """Read side: item row -> (L+1, T_i, D) float16 states, by `os.preadv` of the clip's bytes only."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -45,7 +45,6 @@ class StateStore:
         self.skipped: dict[str, str] = dict(meta.get("skipped", {}))
         with np.load(self.folder / "index.npz") as index:
             self.offsets, self.frames = index["offsets"].astype(np.int64), index["frames"].astype(np.int64)
-        self._row_bytes = self.num_states * self.width * 2
         self._fd: int | None = None
         self._pid = -1
 
@@ -64,18 +63,28 @@ class StateStore:
         return self._fd
 
     def read(self, row: int, max_frames: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(L+1, T, D) float16 of item `row`: whole, or a window of `max_frames` (random with a generator)."""
+        """(L+1, T, D) float16 of item `row`: whole, or a window of `max_frames` (random with a generator).
+        One read of the clip's block; a window reads its frames of each state only."""
         if not self.has(row):
             raise KeyError(f"item {row} has no cached states (skipped when the cache was built)")
-        total = int(self.frames[row])
+        total, row_bytes = int(self.frames[row]), self.width * 2
         count, start = total, 0
         if max_frames is not None and total > max_frames:
             count = max_frames
             if generator is not None:
                 start = int(torch.randint(0, total - max_frames + 1, (1,), generator=generator))
-        raw = os.pread(self._file(), count * self._row_bytes, (int(self.offsets[row]) + start) * self._row_bytes)
-        frames = np.frombuffer(raw, dtype=np.float16).reshape(count, self.num_states, self.width)
-        return torch.from_numpy(frames.copy()).permute(1, 0, 2)
+        out = np.empty((self.num_states, count, self.width), dtype=np.float16)
+        base = int(self.offsets[row]) * row_bytes
+        if count == total:
+            self._read_into(out, base)
+        else:
+            for state in range(self.num_states):
+                self._read_into(out[state], base + (state * total + start) * row_bytes)
+        return torch.from_numpy(out)
+
+    def _read_into(self, out: np.ndarray, offset: int) -> None:
+        if os.preadv(self._file(), [out], offset) != out.nbytes:
+            raise OSError(f"{self.folder / 'states.f16'}: shorter than its index (a damaged cache: delete the folder)")
 
 
 class StateCacheWriter:
@@ -90,15 +99,15 @@ class StateCacheWriter:
         self.offsets = np.full(rows, -1, dtype=np.int64)
         self.frames = np.zeros(rows, dtype=np.int64)
         self.shape: tuple[int, int] | None = None
-        self._written = 0
+        self._written = 0  # in rows of D values
 
     def add(self, row: int, states: torch.Tensor) -> None:
-        """states: (L+1, T, D) of item `row`, stored as float16, frame-major."""
+        """states: (L+1, T, D) of item `row`, stored as float16, one contiguous block per clip."""
         self.shape = self.shape or (int(states.shape[0]), int(states.shape[2]))
-        frames = states.detach().to("cpu", torch.float16).permute(1, 0, 2).contiguous()
-        self._out.write(frames.numpy().tobytes())
-        self.offsets[row], self.frames[row] = self._written, frames.shape[0]
-        self._written += frames.shape[0]
+        block = states.detach().to("cpu", torch.float16).contiguous()
+        self._out.write(block.numpy().tobytes())
+        self.offsets[row], self.frames[row] = self._written, block.shape[1]
+        self._written += block.shape[0] * block.shape[1]
 
     def commit(self, meta: dict, skipped: dict[str, str]) -> StateStore:
         self._out.close()
@@ -123,7 +132,7 @@ def cache_key(upstream: SpeechUpstream, items: Sequence[SpokenCaption], precisio
     digest = hashlib.sha256()
     source = Path(upstream.name_or_path)
     files = sorted(source.rglob("*")) if source.is_dir() else []
-    inputs = {"upstream": str(upstream.name_or_path), "precision": precision,
+    inputs = {"layout": 2, "upstream": str(upstream.name_or_path), "precision": precision,
               "normalize_waveform": bool(upstream.normalize_waveform), "final_norm": bool(getattr(upstream, "final_norm", False)),
               "upstream_files": [[str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
     digest.update(json.dumps(inputs, sort_keys=True).encode())
@@ -211,5 +220,5 @@ def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tens
     first = states[0]
     out = torch.zeros(first.shape[0], len(states), int(frames.max()), first.shape[2])
     for row, s in enumerate(states):
-        out[:, row, : s.shape[1]] = s.float()
+        out[:, row, : s.shape[1]].copy_(s)
     return out, torch.arange(out.shape[2])[None, :] < frames[:, None]

@@ -137,3 +137,4 @@ class SpeechCLIPSystem(L.LightningModule):
         self.best_recall = float(state.get("best_recall", float("-inf")))
         self.best_step = state.get("best_step")
         self.skipped = dict(state.get("skipped", {}))
+        self.start_step = int(checkpoint["global_step"])  # also when nothing is left to train
