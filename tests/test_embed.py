@@ -36,8 +36,10 @@ def _shards(folder, kind):
     return shards
 
 
-def test_shards_and_manifest(model, items, tmp_path):
+def test_shards_and_manifest(model, items, tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     manifest = read_manifest(embed_collection(model, items, tmp_path, batch_size=4, shard_size=5).parent)
+    assert embed_module.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == embed_module.KERNEL_CACHE  # bounded kernel cache
     assert manifest["kinds"]["speech"]["count"] == len(items)
     assert [s["count"] for s in manifest["kinds"]["speech"]["shards"]] == [5] * (len(items) // 5) + ([len(items) % 5] if len(items) % 5 else [])
     vectors, ids = load_embeddings(tmp_path, "speech")

@@ -31,6 +31,10 @@ from .images import load_image
 from .model import SpeechCLIP
 
 KINDS = ("speech", "image", "text")
+# oneDNN keeps a compiled kernel per input shape (up to 1,024 by default), each with its buffers: over
+# length-sorted batches of clips, every batch is a new shape, and the mini HuBERT's RSS grew 415 -> 1,058 MB in
+# 60 batches (benchmarks/embed_throughput.py --stream). 16 keep the reuse of fixed shapes (images, texts).
+KERNEL_CACHE = "16"
 SHARD_SIZE = 10_000  # 20 MB of 512-d float32 per shard
 MANIFEST = "manifest.json"
 FORMAT = "speechclip-embeddings/1"
@@ -91,6 +95,12 @@ def encode_prepared(model: SpeechCLIP, kind: str, batch: dict[str, torch.Tensor]
     else:
         embeds = model.clip.text_features(batch["input_ids"], batch["attention_mask"])
     return torch.nn.functional.normalize(embeds.float(), dim=-1).cpu()
+
+
+def bound_kernel_cache() -> None:
+    """Cap oneDNN's kernel cache (unless the user set it). Read when the process runs its first convolution,
+    so it only takes effect in a process that has not run one yet (`speechclip embed` / `eval`)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE)
 
 
 def clip_seconds(audio) -> float:
@@ -180,6 +190,7 @@ def read_manifest(folder: Path) -> dict:
 def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Path, what: Sequence[str] = KINDS,
                      batch_size: int = 32, shard_size: int = SHARD_SIZE, progress: bool = False) -> Path:
     """Embed every kind in `what` into shards under `out`, skipping finished shards; returns manifest.json."""
+    bound_kernel_cache()
     model.eval()
     meta = {"upstream": model.config.upstream, "clip": model.config.clip}
     todo = collections(items, what)

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from .data.items import SpokenCaption, image_table
-from .embed import clip_seconds
+from .embed import bound_kernel_cache, clip_seconds
 from .image_cache import ImageEmbeddingCache
 from .metrics import keyword_hit_rate, speech_image_retrieval, speech_text_retrieval
 from .model import SpeechCLIP, SpeechOutput
@@ -57,6 +57,7 @@ def duration_order(items: Sequence[SpokenCaption]) -> list[int]:
 def encode_speech_streamed(model: SpeechCLIP, items: Sequence[SpokenCaption], batch_size: int = 32) -> SpeechResults:
     """Every clip through the model, CHUNK_BATCHES batches at a time; keeps (M, D) embeddings per branch and
     the keyword token ids, never the (K, V') similarity of every clip."""
+    bound_kernel_cache()
     order = duration_order(items)
     results = SpeechResults(keywords=[[] for _ in items] if model.config.uses_cascaded else None)
     chunk = CHUNK_BATCHES * batch_size

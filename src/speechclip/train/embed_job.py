@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.items import SpokenCaption
-from ..embed import (KINDS, SHARD_SIZE, Collection, batches, collections, encode_prepared, prepare_batch, shard_is_done,
-                     shard_path, write_manifest, write_shard)
+from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, collections, encode_prepared,
+                     prepare_batch, shard_is_done, shard_path, write_manifest, write_shard)
 from ..model import SpeechCLIP
 
 
@@ -97,6 +97,7 @@ def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | 
                   batch_size: int = 32, shard_size: int = SHARD_SIZE, accelerator: str = "auto", devices: int | str = "auto",
                   num_nodes: int = 1, strategy: str = "auto", workers: int = 0, progress: bool = False) -> Path:
     """Embed into shards under `out` with Lightning (the training settings' devices / num_nodes / strategy)."""
+    bound_kernel_cache()
     out = Path(out)
     todo = collections(items, what)
     meta = {"upstream": model.config.upstream, "clip": model.config.clip}
