@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConversionError
-from .hubert import Rule, apply_name_table
+from .names import Rule, apply_name_table
 from .official import (attention_settings, get, mlp_hidden, official_variant, temperature_settings, upstream_settings,
                        vq_temperature)
 

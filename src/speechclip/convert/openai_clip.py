@@ -2,7 +2,7 @@
 with OpenAI's tokenizer and image preprocessing.
 
 The mapping is data (`CLIP_RULES`, as transformers' convert_clip_original_pytorch_to_hf.py: `in_proj` split
-in three, the two projections transposed); `apply_name_table` (hubert.py) applies it and fails on any key
+in three, the two projections transposed); `names.apply_name_table` applies it and fails on any key
 it cannot place. The config is derived from shapes exactly as OpenAI's `clip.model.build_model` does. The
 tokenizer's BPE merges come from the `open-clip-torch` wheel, which ships OpenAI's own file.
 """
@@ -21,7 +21,7 @@ from torch import Tensor
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 from .errors import ConversionError
-from .hubert import Rule, apply_name_table, check_against_model, layer_indices, require_tensor
+from .names import Rule, apply_name_table, check_against_model, layer_indices, require_tensor
 
 HEAD_DIM = 64  # OpenAI's build_model: heads = width // 64 in both towers
 CONTEXT_LENGTH = 77
