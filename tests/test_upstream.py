@@ -40,3 +40,18 @@ def test_weighted_sum_starts_uniform_and_checks_layers():
     torch.testing.assert_close(featurizer(states), states.mean(0))
     with pytest.raises(ValueError, match="expected 3 hidden states, got 2"):
         featurizer(states[:2])
+
+
+def test_concurrent_calls_from_threads_do_not_mix(encoders):
+    """A server runs forwards in threads: per-call state (clip lengths, the last layer) must stay per call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for kind in ("hubert", "hubert-layernorm"):
+        upstream = SpeechUpstream(encoders[kind])
+        torch.manual_seed(0)
+        jobs = [(torch.randn(2, n), torch.tensor([n, n - 1500])) for n in (6000, 9000, 12000, 7000)]
+        alone = [upstream(w, l)[0] for w, l in jobs]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda job: upstream(*job)[0], jobs * 3))
+        for i, states in enumerate(together):
+            torch.testing.assert_close(states, alone[i % 4], atol=1e-5, rtol=1e-5)

@@ -6,6 +6,8 @@ The upstream returns all L+1 hidden states with a frame padding mask (as s3prl's
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +33,8 @@ class SpeechUpstream(nn.Module):
         # None = as the model was pre-trained: pre-norm (Large) models on zero-mean unit-variance waveforms
         self.normalize_waveform = self.prenorm if normalize_waveform is None else bool(normalize_waveform)
         self.final_norm = final_norm
-        self._active_lengths: torch.Tensor | None = None
-        self._last_layer_output: torch.Tensor | None = None
+        # what one forward call hands to the hooks inside the HF model, per thread: a server runs calls at once
+        self._calls: dict[int, dict[str, torch.Tensor]] = {}
         if self.prenorm:
             self.model.encoder.layers[-1].register_forward_hook(self._keep_last_layer_output)
         self._whole_model_per_length = self.model.config.model_type == "data2vec-audio"
@@ -60,7 +62,10 @@ class SpeechUpstream(nn.Module):
         self._final_norm = bool(value)
 
     def _keep_last_layer_output(self, module: nn.Module, inputs: tuple, output) -> None:
-        self._last_layer_output = output[0] if isinstance(output, tuple) else output
+        self._call()["last_layer"] = output[0] if isinstance(output, tuple) else output
+
+    def _call(self) -> dict[str, torch.Tensor]:
+        return self._calls.setdefault(threading.get_ident(), {})
 
     @property
     def num_hidden_states(self) -> int:
@@ -101,12 +106,12 @@ class SpeechUpstream(nn.Module):
         return states, frame_mask
 
     def _states(self, waves: torch.Tensor, lengths: torch.Tensor, sample_mask: torch.Tensor) -> torch.Tensor:
-        self._active_lengths = lengths
+        self._call()["lengths"] = lengths
         try:
             output = self.model(waves, attention_mask=sample_mask.long(), output_hidden_states=True)
             return self._stack(output)
         finally:
-            self._active_lengths = None
+            self._calls.pop(threading.get_ident(), None)
 
     def _stack(self, output) -> torch.Tensor:
         """(L+1, B, T, D). A pre-norm model's last state is taken from its last layer (before the final
@@ -114,8 +119,7 @@ class SpeechUpstream(nn.Module):
         `hidden_states[-1]` holds, so neither is left to it."""
         states = list(output.hidden_states)
         if self.prenorm:
-            states[-1] = output.last_hidden_state if self.final_norm else self._last_layer_output
-        self._last_layer_output = None
+            states[-1] = output.last_hidden_state if self.final_norm else self._call().pop("last_layer")
         return torch.stack(states)
 
     def _states_per_length(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -134,7 +138,7 @@ class SpeechUpstream(nn.Module):
         batched_forward = encoder.forward
 
         def forward(input_values: torch.Tensor) -> torch.Tensor:
-            lengths = self._active_lengths
+            lengths = self._call().get("lengths")
             if lengths is None or bool((lengths == input_values.shape[1]).all()):
                 return batched_forward(input_values)
             pieces: list[torch.Tensor | None] = [None] * len(lengths)
