@@ -75,7 +75,7 @@ def cmd_embed(args) -> None:
     else:
         manifest = embed_collection(model, items, out, what, batch_size=args.batch_size, shard_size=args.shard_size,
                                     progress=not args.no_progress)
-    if manifest.is_file():  # under Lightning's ddp launcher, only rank 0 writes it
+    if manifest is not None:  # under Lightning's ddp launcher, rank 0 writes and reports it
         kinds = read_embeddings(out)["kinds"]
         print(json.dumps({"manifest": str(manifest), "kinds": {k: v["count"] for k, v in kinds.items()}}, indent=2))
 

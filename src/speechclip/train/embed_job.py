@@ -8,6 +8,7 @@ and writes each shard when its last batch is predicted. After a barrier, rank 0 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,8 +96,9 @@ class ShardWriter(BasePredictionWriter):
 
 def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | Path, what: Sequence[str] = KINDS,
                   batch_size: int = 32, shard_size: int = SHARD_SIZE, accelerator: str = "auto", devices: int | str = "auto",
-                  num_nodes: int = 1, strategy: str = "auto", workers: int = 0, progress: bool = False) -> Path:
-    """Embed into shards under `out` with Lightning (the training settings' devices / num_nodes / strategy)."""
+                  num_nodes: int = 1, strategy: str = "auto", workers: int = 0, progress: bool = False) -> Path | None:
+    """Embed into shards under `out` with Lightning (the training settings' devices / num_nodes / strategy).
+    Returns manifest.json on global rank 0 (after every rank's shards), None on the others."""
     bound_kernel_cache()
     out = Path(out)
     todo = collections(items, what)
@@ -104,9 +106,9 @@ def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | 
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
                         callbacks=[ShardWriter(out, todo, shard_size, meta)], enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False)
+    # our batches are whole shard batches (batch_size=None); the writer needs no sampler indices
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     trainer.predict(EmbedSystem(model.eval(), todo, out, batch_size, shard_size, workers), return_predictions=False)
     # here, not in a predict hook: a rank with nothing left to do skips the predict loop and its hooks
     trainer.strategy.barrier("embed shards written")
-    if trainer.is_global_zero:
-        write_manifest(out, todo, shard_size, meta)
-    return out / "manifest.json"
+    return write_manifest(out, todo, shard_size, meta) if trainer.is_global_zero else None
