@@ -24,6 +24,7 @@ SCRIPTS = {
     "synthesis_workers": ["synthesis_workers.py"],
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],
+    "state_cache": ["state_cache.py"],
     "search": ["search.py"],
     "eval_scale": ["eval_scale.py"],
     "embed_streaming": ["embed_throughput.py", "--stream", "20000", "--batch", "32"],

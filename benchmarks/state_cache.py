@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, table  # noqa: E402
-from speechclip.train.state_cache import StateCacheWriter, StateStore, crop_states, pad_states  # noqa: E402
+from speechclip.train.state_cache import StateCacheWriter, crop_states, pad_states  # noqa: E402
 
 
 def status(*keys: str) -> dict[str, int]:

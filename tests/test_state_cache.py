@@ -13,7 +13,7 @@ import torch
 from speechclip.audio import AudioError
 from speechclip.data import DataError, read_dataset
 from speechclip.train.run import fit
-from speechclip.train.state_cache import StateStore, build_state_cache, upstream_states
+from speechclip.train.state_cache import build_state_cache, upstream_states
 from speechclip.upstream import SpeechUpstream
 from tests.conftest import tiny_run_config
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 
-from speechclip.data import read_dataset
 from speechclip.data import image_table, read_dataset
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP

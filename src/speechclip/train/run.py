@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning as L
-import torch
 import torch.distributed as dist
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
