@@ -128,7 +128,9 @@ def _finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
 def _train(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
     """bars=False: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
-    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)])
+    # the demo owns its run folders: a run it decided to train again replaces the old one
+    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)],
+                  overwrite=True)
     (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
     return {**summary, "reused": False}
 
