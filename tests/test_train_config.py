@@ -40,6 +40,7 @@ BAD = [
     ("train.strategy", "dpp", "train.strategy='dpp': must be one of auto, ddp, "),
     ("train.devices", 0, "train.devices=0: must be 'auto', an integer >= 1 (-1 = all)"),
     ("train.devices", "two", "train.devices='two': must be 'auto'"),
+    ("train.devices", ",", "train.devices=',': must be 'auto'"),
     ("train.image_cache", "yes", "train.image_cache='yes': must be true or false"),
     ("train.cache_dir", "", "train.cache_dir='': must be a folder path"),
     ("data.on_error", "ignore", "data.on_error='ignore': must be one of raise, skip"),
@@ -86,5 +87,6 @@ def test_global_batch_is_split_across_processes():
 def test_valid_edges_are_accepted():
     for values in ({"grad_clip": 0.0, "warmup_steps": 0, "num_workers": 0, "final_lr": 0.0, "devices": [0, 1]},
                    {"devices": "0,1", "max_audio_samples": None, "keyword_vocab_size": None, "strategy": "ddp"},
-                   {"devices": -1, "precision": "bf16-mixed", "accelerator": "cpu", "seed": 0}):
+                   {"devices": -1, "precision": "bf16-mixed", "accelerator": "cpu", "seed": 0},
+                   {"devices": "-1", "precision": 32}):
         check_run_config(run_config_from_dict({"data": {"root": "/data"}, "train": values}))

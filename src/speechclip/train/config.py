@@ -131,7 +131,8 @@ def _check_float(where: str, value: Any, low: float, bound: str) -> None:
 def _check_devices(value: Any) -> None:
     ok = value == "auto" or (_is_int(value) and (value >= 1 or value == -1))
     ok |= isinstance(value, list) and bool(value) and all(_is_int(v) and v >= 0 for v in value)
-    ok |= isinstance(value, str) and bool(value) and all(p.strip().isdigit() for p in value.split(",") if p.strip())
+    ok |= isinstance(value, str) and (value.strip() == "-1" or (
+        any(p.strip() for p in value.split(",")) and all(p.strip().isdigit() for p in value.split(",") if p.strip())))
     if not ok:
         raise ConfigError(f"train.devices={value!r}: must be 'auto', an integer >= 1 (-1 = all), a list of device "
                           "indices or a string such as '0,1'")
@@ -148,7 +149,7 @@ def check_train_config(train: TrainConfig) -> None:
     if train.final_lr > train.lr:
         raise ConfigError(f"train.final_lr={train.final_lr}: must be <= train.lr={train.lr} (the schedule decays to it)")
     for name, allowed in _CHOICES.items():
-        if getattr(train, name) not in allowed:
+        if str(getattr(train, name)) not in allowed:  # YAML reads `precision: 32` as a number
             raise ConfigError(f"train.{name}={getattr(train, name)!r}: must be one of {', '.join(allowed)}")
     from lightning.pytorch.strategies import StrategyRegistry
 
