@@ -45,10 +45,10 @@ def test_converted_model_computes_what_the_official_pipeline_computes(converted,
         expected = reference_speech(case, state, config, clip)
         output = model.speech_outputs([clip])[0]
         if "parallel" in expected:
-            torch.testing.assert_close(output.parallel[0], expected["parallel"], atol=2e-4, rtol=2e-4)
+            torch.testing.assert_close(output.parallel[0], expected["parallel"], atol=2e-5, rtol=2e-5)
         if "cascaded" in expected:
             assert output.cascaded.token_ids[0].tolist() == expected["keywords"]
-            torch.testing.assert_close(output.cascaded.embeds[0], expected["cascaded"], atol=2e-4, rtol=2e-4)
+            torch.testing.assert_close(output.cascaded.embeds[0], expected["cascaded"], atol=2e-5, rtol=2e-5)
         main = expected.get("parallel", expected.get("cascaded"))
         torch.testing.assert_close(model.encode_speech([clip])[0], main / main.norm(), atol=2e-5, rtol=2e-5)
 
