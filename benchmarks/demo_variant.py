@@ -26,7 +26,7 @@ from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
 from speechclip.train.config import apply_overrides, run_config_from_dict
-from speechclip.train.demo import DemoSpec, _speechclip_config
+from speechclip.demo.run import DemoSpec, _speechclip_config
 from speechclip.train.run import fit
 
 

@@ -45,7 +45,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
 def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tiny_corpus, tmp_path, capsys):
     import torch
 
-    from speechclip.train.demo import _train_all
+    from speechclip.demo.run import _train_all
     from tests.conftest import tiny_run_config
 
     good = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=2).to_dict()

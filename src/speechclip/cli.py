@@ -99,7 +99,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .train.demo import run_demo
+    from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed)
 

@@ -36,9 +36,9 @@ from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
 from ..pretrain.mini_hubert import MiniHubertSpec, hubert_config, pretrain_mini_hubert
 from ..pretrain.precision import cpu_has_fast_bf16
 from ..quiet import quiet_libraries
-from .config import run_config_from_dict
-from .demo_report import format_demo_table, write_pictures
-from .run import fit
+from ..train.config import run_config_from_dict
+from ..train.run import fit
+from .report import format_demo_table, write_pictures
 
 
 @dataclass
