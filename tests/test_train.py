@@ -170,3 +170,21 @@ def test_global_batch_must_split_evenly_across_processes(encoders, tiny_corpus, 
     with pytest.raises(ConfigError, match=r"^train.batch_size=5: must be divisible by the 2 training processes"):
         fit(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_aux_losses_are_added_and_logged_and_the_step_reaches_the_model(encoders, tiny_corpus, tmp_path):
+    """hybrid_plus: CIF's (already weighted) quantity loss joins the two contrastive losses."""
+    config = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), variant="hybrid_plus", max_steps=3,
+                             cache_upstream_states=True, val_every_steps=3, checkpoint_every_steps=3)
+    steps = []
+    original = SpeechCLIP.set_training_step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpeechCLIP, "set_training_step", lambda self, step: steps.append(step) or original(self, step))
+        fit(config, tmp_path / "run", progress=False)
+    assert steps == [0, 1, 2]
+    with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as file:
+        rows = [r for r in csv.DictReader(file) if r["train/loss"]]
+    assert len(rows) == 3
+    for row in rows:
+        parts = [float(row[f"train/loss_{name}"]) for name in ("parallel", "cascaded", "quantity")]
+        assert parts[2] > 0 and float(row["train/loss"]) == pytest.approx(sum(parts), rel=1e-5)
