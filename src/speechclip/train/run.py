@@ -77,8 +77,8 @@ def _primary_process() -> bool:
 def _plan(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> RunPlan:
     if _primary_process():
         plan = plan_run(run_dir, config, resume, overwrite)
-        if plan.note:
-            print(f"speechclip: {plan.note}", flush=True)
+        for line in ([plan.note] if plan.note else []) + [f"allowed change: {change}" for change in plan.changes]:
+            print(f"speechclip: {line}", flush=True)
         return plan
     last = run_dir / "checkpoints" / "last.ckpt"
     return RunPlan("worker", last if resume and last.is_file() else None)
