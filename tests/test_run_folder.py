@@ -139,3 +139,13 @@ def test_cli_refusal_is_one_line_without_traceback(encoders, tiny_corpus, finish
     done = subprocess.run([sys.executable, "-m", "speechclip.cli", "train", "--config", str(path), "--run-dir", str(run)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr == f"speechclip: error: {run}: holds a run; pass --resume to continue it or --overwrite to replace it\n"
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_tensors(encoders, tiny_corpus, finished_run, run):
+    last = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["state_dict"]["model.head.extra"] = checkpoint["state_dict"].pop("model.head.cls")
+    torch.save(checkpoint, last)
+    with pytest.raises(ValueError, match=r"^resume: checkpoints/last.ckpt does not match the model \(missing \['model.head.cls'\], "
+                                         r"unexpected \['model.head.extra'\]\)"):
+        fit(config(encoders, tiny_corpus, finished_run[1]), run, resume=True, progress=False)

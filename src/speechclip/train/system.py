@@ -133,6 +133,13 @@ class SpeechCLIPSystem(L.LightningModule):
         checkpoint["speechclip"] = {"best_recall": self.best_recall, "best_step": self.best_step, "skipped": dict(self.skipped)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Before Lightning loads the weights (non-strictly, as the frozen encoders are not in the file):
+        the trainable ones must all be there, and nothing else."""
+        expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
+        missing, unexpected = sorted(expected - set(checkpoint["state_dict"])), sorted(set(checkpoint["state_dict"]) - expected)
+        if missing or unexpected:
+            raise ValueError(f"resume: checkpoints/last.ckpt does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); --overwrite starts a new run")
         state = checkpoint.get("speechclip", {})
         self.best_recall = float(state.get("best_recall", float("-inf")))
         self.best_step = state.get("best_step")
