@@ -158,3 +158,38 @@ def test_metrics_history_keeps_rows_before_the_checkpoint_and_drops_torn_ones(tm
                                                     {"epoch": 0, "step": 1, "train/loss": 1.25},
                                                     {"epoch": 0, "step": 2, "train/loss": 1.0}]
     assert metrics_history(path, before_step=99)[-1]["step"] == 3  # the half-written last row is dropped
+
+
+class Keys(torch.utils.data.Dataset):
+    """Hands back what the sampler asked for: (clip, crop seed)."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, key):
+        return key
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_state_continues_the_same_batches_with_workers(workers):
+    from speechclip.train.datamodule import ResumableLoader
+
+    def loader():
+        sampler = LengthGroupedBatchSampler(list(range(40)), 4, bucket=2, seed=5)
+        return ResumableLoader(Keys(), batch_sampler=sampler, num_workers=workers, collate_fn=list,
+                               persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+
+    straight = loader()
+    whole = [batch for _ in range(2) for batch in straight]  # two epochs
+    first = loader()
+    seen = []
+    for batch in first:
+        seen.append(batch)
+        if len(seen) == 7:  # stopped mid-epoch with workers still prefetching ahead
+            break
+    state = first.state_dict()
+    assert state == {"consumed": 7}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)  # the rest of epoch 0, then epoch 1
+    assert seen + rest == whole[: 7 + len(rest)] and len(seen + rest) == len(whole)
