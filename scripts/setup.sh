@@ -23,5 +23,5 @@ PYTHON=${PYTHON:-python3}
 echo "[setup] installing python packages into .venv"
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[all]"
-.venv/bin/pip install -q --no-deps open-clip-torch  # OpenAI's BPE merges for `speechclip convert`; --no-deps keeps the CPU torch
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0  # OpenAI's BPE merges for `speechclip convert`; --no-deps keeps the CPU torch
 echo "[setup] done"
