@@ -140,3 +140,26 @@ def test_lightning_two_processes_write_the_same_shards(model, items, tmp_path):
         a, ids_a = load_embeddings(tmp_path / "one", kind)
         b, ids_b = load_embeddings(tmp_path / "two", kind)
         assert ids_a == ids_b and torch.allclose(a, b, atol=1e-6)
+
+
+def test_ivfpq_reranks_its_candidates_with_the_shards_on_disk(tmp_path):
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((20, 32))
+    vectors = (centres[rng.integers(0, 20, 4000)] + 0.5 * rng.standard_normal((4000, 32))).astype(np.float32)
+    queries = (centres[rng.integers(0, 20, 50)] + 0.5 * rng.standard_normal((50, 32))).astype(np.float32)
+    ids = [f"v{i}" for i in range(len(vectors))]
+    _write_shards(tmp_path / "shards", vectors, ids, shard_size=900)
+    exact = EmbeddingIndex.build(vectors, ids, "flat").search_rows(queries, 10)[1]
+    recall = lambda found: np.mean([len(set(a) & set(e)) / 10 for a, e in zip(found, exact)])  # noqa: E731
+    plain = build_index_from_embeddings(tmp_path / "shards", tmp_path / "plain", "ivfpq", report=lambda _: None, nlist=16, refine=0)
+    refined = build_index_from_embeddings(tmp_path / "shards", tmp_path / "refined", "ivfpq", report=lambda _: None, nlist=16, refine=300)
+    assert recall(plain.search_rows(queries, 10)[1]) < 0.7 < 0.95 <= recall(refined.search_rows(queries, 10)[1])
+    scores, rows = refined.search_rows(queries[:3], 5)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = queries[:3] / np.linalg.norm(queries[:3], axis=1, keepdims=True)
+    assert np.allclose(scores, np.einsum("qkd,qd->qk", unit[rows], query), atol=1e-5)  # exact cosines, not PQ estimates
+    reloaded = EmbeddingIndex.load(tmp_path / "refined")  # re-ranks from the same shards, found through meta.json
+    assert np.array_equal(reloaded.search_rows(queries, 10)[1], refined.search_rows(queries, 10)[1])
+    (tmp_path / "shards").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="shards: the embeddings .* re-ranks with are missing"):
+        EmbeddingIndex.load(tmp_path / "refined")

@@ -107,7 +107,8 @@ def cmd_demo(args) -> None:
 def cmd_index(args) -> None:
     from .index import build_index_from_embeddings
 
-    options = {k: v for k, v in {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.m}.items() if v is not None}
+    given = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.m, "refine": args.refine}
+    options = {k: v for k, v in given.items() if v is not None}
     index = build_index_from_embeddings(Path(args.embeddings), Path(args.out), kind=args.kind, what=args.what, **options)
     print(f"index of {index.size} vectors ({index.kind}) written to {args.out}")
 
@@ -230,6 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--nlist", type=int, help="IVF lists (default: ~4 sqrt(N) for ivf, ~sqrt(N) for ivfpq)")
     index.add_argument("--nprobe", type=int, help="IVF lists visited per query")
     index.add_argument("--m", type=int, help="IVF-PQ sub-quantizers (bytes per code; must divide the dimension)")
+    index.add_argument("--refine", type=int, help="IVF-PQ candidates re-scored exactly from the embeddings on disk "
+                                                  "(default 1000; 0: none, the index alone)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="query an index with speech, text or an image")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import soundfile
 import torch
 from safetensors import safe_open
@@ -215,9 +216,17 @@ class EmbeddingSource:
     """One kind's embeddings on disk: a manifest's shards, or one file of the earlier format."""
 
     files: list[Path]
-    count: int
+    counts: list[int]  # rows per file
     dim: int
     legacy: bool = False
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def rows(self) -> "ShardRows":
+        """Random access to single rows, memory-mapped (an index's exact re-ranking reads them)."""
+        return ShardRows(self.files, self.counts)
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """(n, D) embeddings and their ids, one shard at a time."""
@@ -242,14 +251,57 @@ def embedding_source(path: Path, what: str | None = None) -> EmbeddingSource:
     path = Path(path)
     if path.is_file():
         vectors, _ = load_embeddings(path)
-        return EmbeddingSource([path], len(vectors), vectors.shape[1], legacy=True)
+        return EmbeddingSource([path], [len(vectors)], vectors.shape[1], legacy=True)
     kinds = read_manifest(path)["kinds"]
     if what is None and len(kinds) == 1:
         what = next(iter(kinds))
     if what not in kinds:
         raise ValueError(f"{path / MANIFEST}: choose --what from {sorted(kinds)}" + (f" (no {what!r})" if what else ""))
     entry = kinds[what]
-    return EmbeddingSource([path / s["file"] for s in entry["shards"]], entry["count"], entry["dim"])
+    return EmbeddingSource([path / s["file"] for s in entry["shards"]], [s["count"] for s in entry["shards"]], entry["dim"])
+
+
+class ShardRows:
+    """Rows of one kind's embeddings read on demand from memory-mapped shard files: the collection stays on
+    disk (the page cache keeps what is read often), never a copy in the process."""
+
+    def __init__(self, files: Sequence[Path], counts: Sequence[int]):
+        self.files, self.starts = list(files), np.cumsum([0, *counts])
+        self.maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """(n,) global row numbers -> (n, D) float32 vectors."""
+        rows = np.asarray(rows, dtype=np.int64)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = None
+        for number in np.unique(shard):
+            chosen = np.nonzero(shard == number)[0]
+            block = self._map(int(number))[rows[chosen] - self.starts[number]]
+            if out is None:
+                out = np.empty((len(rows), block.shape[1]), np.float32)
+            out[chosen] = block
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+    def _map(self, number: int) -> np.ndarray:
+        if number not in self.maps:
+            self.maps[number] = _memmap_embeddings(self.files[number])
+        return self.maps[number]
+
+
+def _memmap_embeddings(path: Path) -> np.ndarray:
+    """The "embeddings" tensor of a safetensors file as a read-only memory map (the format is an 8-byte
+    header length, a JSON header with dtype, shape and byte offsets, then the raw data)."""
+    with open(path, "rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+    entry = header.get("embeddings")
+    if not entry or entry.get("dtype") != "F32" or len(entry.get("shape", [])) != 2:
+        raise ValueError(f"{path}: expected an F32 (n, D) tensor named 'embeddings', found {entry}")
+    begin, _ = entry["data_offsets"]
+    return np.memmap(path, dtype=np.float32, mode="r", offset=8 + size + begin, shape=tuple(entry["shape"]))
 
 
 def load_embeddings(path: Path, what: str | None = None) -> tuple[torch.Tensor, list[str]]:

@@ -2,6 +2,10 @@
 ones, IVF-PQ (compressed codes, 32x smaller than float32) for collections too large for memory; the ids
 kept beside the index. Embeddings are L2-normalised, so inner product = cosine.
 
+IVF-PQ's codes rank coarsely (in a dense neighbourhood its top 10 is mostly wrong), so by default its top
+`refine` candidates are re-scored exactly with their vectors, read on demand from the memory-mapped shards
+the index was built from: the collection stays on disk, the index in memory.
+
 Built from chunks (the shards `speechclip embed` writes): a first pass draws the training sample, a second
 adds the vectors shard by shard, so the raw vectors are never all in memory.
 A saved index is a folder: `index.faiss` (FAISS's own format, no pickle), `ids.json`, `meta.json`.
@@ -20,6 +24,7 @@ import numpy as np
 EXACT_LIMIT = 100_000  # "auto" keeps exact search up to this many vectors
 IVF_LIMIT = 1_000_000  # ... IVF on raw float32 vectors up to this many (2 GB at 512-d), IVF-PQ above
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+REFINE = 1000  # IVF-PQ candidates re-scored exactly (benchmarks/ivfpq.py: recall@10 and cost against this)
 ID_BYTES = 8  # FAISS keeps an int64 id beside each vector in an inverted list
 PY_STR_OVERHEAD = 49 + 8  # bytes of a Python str object (ASCII) and its slot in the ids list
 
@@ -63,9 +68,11 @@ class IndexPlan:
 
 
 def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = None, nprobe: int | None = None,
-               m: int | None = None, nbits: int = 8, hnsw_m: int = 32, ef_search: int = 128, id_chars: int = 16) -> IndexPlan:
+               m: int | None = None, nbits: int = 8, hnsw_m: int = 32, ef_search: int = 128, id_chars: int = 16,
+               refine: int | None = None) -> IndexPlan:
     """Pick the index kind and its parameters for `count` vectors, with a memory estimate (vectors x bytes per
-    code + FAISS ids + centroids + our Python ids of about `id_chars` characters)."""
+    code + FAISS ids + centroids + our Python ids of about `id_chars` characters). `refine`: IVF-PQ candidates
+    re-scored with their exact vectors from disk (0: none)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "auto":
@@ -88,21 +95,28 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
         m = m or _pq_subquantizers(dim)
         if dim % m:
             raise ValueError(f"m: {m} sub-quantizers must divide the dimension {dim}")
-        plan.params = {"nlist": nlist, "nprobe": min(nprobe or max(16, nlist // 64), nlist), "m": m, "nbits": nbits}
+        plan.params = {"nlist": nlist, "nprobe": min(nprobe or max(16, nlist // 64), nlist), "m": m, "nbits": nbits,
+                       "refine": REFINE if refine is None else refine}
         memory["codes"] = count * (m * nbits // 8 + ID_BYTES)
         memory["centroids"] = nlist * dim * 4 + (2**nbits) * dim * 4
     if kind in ("ivf", "ivfpq"):
-        plan.sample = min(count, 64 * plan.params["nlist"], 256 * 1024)
+        wanted = 64 * plan.params["nlist"]  # k-means wants 39..256 points a centroid; PQ's 256 codes too
+        plan.sample = min(count, max(wanted, 39 * 2 ** plan.params.get("nbits", 0)), 256 * 1024)
         memory["training sample"] = plan.sample * dim * 4
     return plan
 
 
 class EmbeddingIndex:
-    def __init__(self, index, ids: Sequence[str], kind: str, params: dict | None = None):
+    def __init__(self, index, ids: Sequence[str], kind: str, params: dict | None = None, vectors=None,
+                 source: dict | None = None):
+        """vectors: row-indexable (N, D) exact vectors for re-ranking (`embed.ShardRows` on disk, or an
+        array); source: where they are ({"embeddings": folder, "what": kind}), saved in meta.json."""
         self.index, self.ids, self.kind = index, list(ids), kind
-        self.params = params or {}
+        self.params, self.vectors, self.source = params or {}, vectors, source
         if len(self.ids) != index.ntotal:
             raise ValueError(f"{len(self.ids)} ids for an index of {index.ntotal} vectors")
+        if vectors is not None and len(vectors) != index.ntotal:
+            raise ValueError(f"{len(vectors)} vectors to re-rank with for an index of {index.ntotal}")
 
     @property
     def size(self) -> int:
@@ -114,11 +128,13 @@ class EmbeddingIndex:
         """kind: flat (exact) | ivf (k-means cells, `nprobe` visited) | hnsw (graph) | ivfpq (compressed) | auto."""
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
+        pq.setdefault("refine", 0)  # in memory: re-ranking would keep the raw vectors (ask with refine=N)
         plan = plan_index(len(vectors), vectors.shape[1], kind, nlist, nprobe, hnsw_m=hnsw_m, ef_search=ef_search, **pq)
-        return cls.build_from_chunks(plan, lambda: [(vectors, ids)], seed=seed)
+        rows = _normalized(vectors) if plan.params.get("refine") else None
+        return cls.build_from_chunks(plan, lambda: [(vectors, ids)], seed=seed, vectors=rows)
 
     @classmethod
-    def build_from_chunks(cls, plan: IndexPlan, chunks: Chunks, seed: int = 0) -> "EmbeddingIndex":
+    def build_from_chunks(cls, plan: IndexPlan, chunks: Chunks, seed: int = 0, vectors=None, source: dict | None = None) -> "EmbeddingIndex":
         """Build `plan` from chunks of (vectors, ids): IVF kinds train on a sample drawn in a first pass
         (the same rows whatever the chunking), then every kind adds the chunks one at a time."""
         faiss = _faiss()
@@ -128,14 +144,14 @@ class EmbeddingIndex:
             index.train(_sample(chunks, plan, seed))
             index.nprobe = plan.params["nprobe"]
         all_ids: list[str] = []
-        for vectors, ids in chunks():
-            if len(ids) != len(vectors) or (len(vectors) and vectors.shape[1] != plan.dim):
-                raise ValueError(f"a chunk of {len(ids)} ids and {tuple(vectors.shape)} vectors; expected dimension {plan.dim}")
-            index.add(_normalized(vectors))
+        for chunk, ids in chunks():
+            if len(ids) != len(chunk) or (len(chunk) and chunk.shape[1] != plan.dim):
+                raise ValueError(f"a chunk of {len(ids)} ids and {tuple(chunk.shape)} vectors; expected dimension {plan.dim}")
+            index.add(_normalized(chunk))
             all_ids += ids
         if len(all_ids) != plan.count:
             raise ValueError(f"the chunks held {len(all_ids)} vectors, the plan expected {plan.count}")
-        return cls(index, all_ids, plan.kind, plan.params)
+        return cls(index, all_ids, plan.kind, plan.params, vectors, source)
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """(Q, D) queries -> for each, the k best (id, cosine) pairs, best first."""
@@ -146,7 +162,11 @@ class EmbeddingIndex:
         queries = _normalized(np.atleast_2d(queries))
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.index.d}")
-        scores, rows = self.index.search(queries, min(k, self.size))
+        k = min(k, self.size)
+        if self.params.get("refine") and self.vectors is not None:
+            _, rows = self.index.search(queries, min(max(k, self.params["refine"]), self.size))
+            return _rerank(queries, rows, self.vectors, k)
+        scores, rows = self.index.search(queries, k)
         if self.index.metric_type == _faiss().METRIC_L2:  # unit vectors: cosine = 1 - squared distance / 2
             scores = 1 - scores / 2
         return scores, rows
@@ -157,7 +177,8 @@ class EmbeddingIndex:
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / "index.faiss"))
         (folder / "ids.json").write_text(json.dumps(self.ids))
-        (folder / "meta.json").write_text(json.dumps({"kind": self.kind, "params": self.params, "size": self.size}) + "\n")
+        meta = {"kind": self.kind, "params": self.params, "size": self.size, "source": self.source}
+        (folder / "meta.json").write_text(json.dumps(meta) + "\n")
         return folder
 
     @classmethod
@@ -173,7 +194,8 @@ class EmbeddingIndex:
             index.nprobe = meta["params"]["nprobe"]
         elif meta["kind"] == "hnsw":
             index.hnsw.efSearch = meta["params"]["efSearch"]
-        return cls(index, json.loads((folder / "ids.json").read_text()), meta["kind"], meta["params"])
+        return cls(index, json.loads((folder / "ids.json").read_text()), meta["kind"], meta["params"],
+                   _source_rows(meta.get("source"), folder), meta.get("source"))
 
 
 def _new_index(faiss, plan: IndexPlan):
@@ -191,6 +213,31 @@ def _new_index(faiss, plan: IndexPlan):
     # better than inner products (recall@10 0.44 against 0.30 with 8-byte codes on clustered 64-d vectors);
     # search_rows turns the distances back into cosines
     return faiss.IndexIVFPQ(faiss.IndexFlatL2(d), d, p["nlist"], p["m"], p["nbits"], faiss.METRIC_L2)
+
+
+def _rerank(queries: np.ndarray, candidates: np.ndarray, vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosines of each query's candidate rows, best k first (-1 rows, -inf scores where fewer)."""
+    scores = np.full((len(queries), k), -np.inf, np.float32)
+    rows = np.full((len(queries), k), -1, np.int64)
+    for i, (query, found) in enumerate(zip(queries, candidates)):
+        found = found[found >= 0]
+        exact = _normalized(vectors[found]) @ query  # shards hold unit vectors; other inputs may not
+        best = np.argsort(-exact, kind="stable")[:k]
+        scores[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
+    return scores, rows
+
+
+def _source_rows(source: dict | None, folder: Path):
+    """The exact vectors a saved index re-ranks with, memory-mapped from where it was built."""
+    if not source:
+        return None
+    from .embed import embedding_source
+
+    path = Path(source["embeddings"])
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the embeddings {folder / 'meta.json'} re-ranks with are missing; "
+                                "put them back or rebuild the index (with --refine 0 for none)")
+    return embedding_source(path, source.get("what")).rows()
 
 
 def _sample(chunks: Chunks, plan: IndexPlan, seed: int) -> np.ndarray:
@@ -214,7 +261,10 @@ def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto",
 
     source = embedding_source(Path(embeddings), what)
     plan = plan_index(source.count, source.dim, kind, id_chars=source.id_chars(), **options)
-    report(plan.describe())
-    index = EmbeddingIndex.build_from_chunks(plan, lambda: ((v.numpy(), ids) for v, ids in source.chunks()))
+    report(plan.describe() + (f"; re-ranks its top {plan.params['refine']} with the vectors in {embeddings}"
+                              if plan.params.get("refine") else ""))
+    refine = {"vectors": source.rows(), "source": {"embeddings": str(Path(embeddings).resolve()), "what": what}} \
+        if plan.params.get("refine") else {}
+    index = EmbeddingIndex.build_from_chunks(plan, lambda: ((v.numpy(), ids) for v, ids in source.chunks()), **refine)
     index.save(out)
     return index
