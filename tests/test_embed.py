@@ -163,3 +163,16 @@ def test_ivfpq_reranks_its_candidates_with_the_shards_on_disk(tmp_path):
     (tmp_path / "shards").rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match="shards: the embeddings .* re-ranks with are missing"):
         EmbeddingIndex.load(tmp_path / "refined")
+
+
+def test_a_bad_clip_is_named(model, items, tmp_path):
+    import soundfile
+
+    short = tmp_path / "short.wav"
+    soundfile.write(str(short), np.zeros(100, np.float32) + 0.1, 16000)
+    bad = [items[0].__class__(audio=short, image=items[0].image, image_id="x")]
+    with pytest.raises(ValueError, match="short.wav: too short"):
+        embed_collection(model, items[:3] + bad, tmp_path / "out", what=["speech"], batch_size=4)
+    with pytest.raises(ValueError, match="nope.wav: no such audio file"):
+        embed_collection(model, [items[0].__class__(audio=tmp_path / "nope.wav", image=items[0].image, image_id="y")],
+                         tmp_path / "out2", what=["speech"])

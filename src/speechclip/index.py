@@ -102,7 +102,7 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
     if kind in ("ivf", "ivfpq"):
         wanted = 64 * plan.params["nlist"]  # k-means wants 39..256 points a centroid; PQ's 256 codes too
         plan.sample = min(count, max(wanted, 39 * 2 ** plan.params.get("nbits", 0)), 256 * 1024)
-        memory["training sample"] = plan.sample * dim * 4
+        memory["training sample, while building"] = plan.sample * dim * 4
     return plan
 
 
