@@ -26,7 +26,7 @@ from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
 from speechclip.train.config import apply_overrides, run_config_from_dict
-from speechclip.demo.run import DemoSpec, _speechclip_config
+from speechclip.demo.spec import DemoSpec, speechclip_config
 from speechclip.train.run import fit
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     seed = json.loads((args.run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
     spec = DemoSpec().seeded(seed - DemoSpec().hubert.seed)
-    values = _speechclip_config(spec, args.run / "encoders" / "hubert", args.run / "encoders" / "clip",
+    values = speechclip_config(spec, args.run / "encoders" / "hubert", args.run / "encoders" / "clip",
                                 args.run / "corpus", args.run / "cache")
     out = Path(".cache/demo_variant") / f"{args.run.name}-{args.name}"
     started = time.perf_counter()

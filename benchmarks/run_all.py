@@ -36,9 +36,11 @@ def demo_stages(path: Path) -> str:
     if not path.is_file():
         return f"(no demo results at {path}: run `speechclip demo` first)"
     results = json.loads(path.read_text())
-    rows = "\n".join(f"| {stage} | {seconds:.1f} |" for stage, seconds in results["stage_seconds"].items())
+    peaks = results.get("stage_peak_memory_mib", {})  # the process tree's peak PSS (speechclip.demo.memory)
+    rows = "\n".join(f"| {stage} | {seconds:.1f} | {peaks.get(stage, '-')} |" for stage, seconds in results["stage_seconds"].items())
     corpus = results["corpus"]["build_seconds"]
-    return (f"| stage | seconds |\n|---|---|\n{rows}\n| total (this run) | {results['total_seconds']:.1f} |\n\n"
+    return (f"| stage | seconds | peak memory of the process tree (MiB, PSS) |\n|---|---|---|\n{rows}\n"
+            f"| total (this run) | {results['total_seconds']:.1f} | {results.get('peak_memory_mib', '-')} |\n\n"
             f"Corpus build time when it was made: {corpus:.1f} s (a re-run reuses it).")
 
 

@@ -2,6 +2,7 @@
 full-size figures are in the README with the command that reproduces them)."""
 
 import json
+import math
 
 import pytest
 
@@ -10,21 +11,27 @@ from speechclip.cli import main
 
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
-    main(["demo", "--quick", "--out", str(tmp_path)])
+    main(["demo", "--quick", "--plus", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     stages = results["stage_seconds"]
     assert [s.split(".")[0] for s in stages] == ["1", "2a", "2b", "3", "4", "5"]
-    for name in ("pretrained", "random"):
+    for name in ("pretrained", "random", "plus"):
         for branch in ("parallel", "cascaded"):
             for task in ("speech_to_image", "image_to_speech", "speech_to_text", "text_to_speech"):
-                assert 1 in results[name][branch][task]["recall"] or "1" in results[name][branch][task]["recall"]
-        assert 0 <= results[name]["keywords"]["hit_rate"] <= 1
-    assert results["clip_text_to_image"]["recall"]
-    assert results["pretraining"]["hubert"]["masked_accuracy_last"] >= 0
+                recall, chance = results[name][branch][task]["recall"], results[name][branch][task]["chance"]
+                assert recall["1"] <= recall["5"] <= recall.get("10", 1.0)
+        images = results[name]["images"]
+        assert results[name]["parallel"]["speech_to_image"]["chance"]["1"] == pytest.approx(1 / images)
+    _check_keywords(tmp_path, results)
+    hubert = results["pretraining"]["hubert"]  # masked prediction starts near a uniform guess over the clusters
+    assert abs(hubert["loss_first"] - math.log(1 / hubert["chance_accuracy"])) < 1.0
+    peaks = results["stage_peak_memory_mib"]  # the whole tree: torch alone is over 100 MiB
+    assert list(peaks) == list(stages) and all(100 < peaks[s] <= results["peak_memory_mib"] for s in stages)
     for picture in ("training_curves.png", "retrieval_grid.png", "keywords.png"):
         assert (tmp_path / "pictures" / picture).stat().st_size > 1000
     assert "mini CLIP text -> image" in printed and "zero-shot" in printed and "random upstream" in printed
+    assert "SpeechCLIP+" in printed and "keywords per utterance" in printed and "peak memory" in printed
     # a second run reuses the corpus and both encoders
     main(["demo", "--quick", "--out", str(tmp_path)])
     again = json.loads((tmp_path / "results.json").read_text())
@@ -42,10 +49,30 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert reseeded["corpus"] == retrained["corpus"]
 
 
+def _check_keywords(out, results: dict) -> None:
+    """Keywords name subwords of the quantizer's vocabulary (never BOS/EOS/padding), K of them for hybrid and
+    a variable number (slot p+1 reached by no more utterances than slot p) for hybrid_plus."""
+    from speechclip.model import SpeechCLIP
+
+    for name, fixed in (("pretrained", 2), ("plus", None)):
+        model = SpeechCLIP.from_pretrained(out / "runs" / name / "final")
+        allowed = {model.subword(int(t)) for t in model.head.keywords.quantizer.vocab_ids}
+        kw = results[name]["keywords"]
+        for example in kw["examples"]:
+            assert fixed is None or len(example["keywords"]) == fixed
+            assert all(len(slot) == 5 and set(slot) <= allowed for slot in example["keywords"])
+        counts = kw["per_keyword_count"]
+        assert kw["mean_keywords"] == pytest.approx(sum(counts) / kw["utterances"])
+        assert kw["hit_rate"] == pytest.approx(sum(h * c for h, c in zip(kw["per_keyword"], counts)) / sum(counts))
+        assert all(a >= b for a, b in zip(counts, counts[1:]))
+        if fixed:
+            assert counts == [kw["utterances"]] * fixed
+
+
 def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tiny_corpus, tmp_path, capsys):
     import torch
 
-    from speechclip.demo.run import _train_all
+    from speechclip.demo.train import train_all
     from tests.conftest import tiny_run_config
 
     good = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=2).to_dict()
@@ -55,7 +82,7 @@ def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tin
     torch.set_num_threads(2)  # two runs, two threads: the side-by-side path
     try:
         with pytest.raises(Exception, match="no-such-upstream"):
-            _train_all({"good": (good, {}, tmp_path / "good"), "broken": (broken, {}, tmp_path / "broken")}, retrain=False)
+            train_all({"good": (good, {}, tmp_path / "good"), "broken": (broken, {}, tmp_path / "broken")}, retrain=False)
     finally:
         torch.set_num_threads(threads)
     assert "[demo] broken: failed" in capsys.readouterr().out

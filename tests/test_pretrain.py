@@ -10,7 +10,7 @@ from speechclip.pretrain.mini_hubert import MiniHubertSpec, pretrain_mini_hubert
 from speechclip.pretrain.precision import cpu_has_fast_bf16
 from speechclip.upstream import SpeechUpstream
 
-TINY = dict(width=32, layers=1, heads=2, clusters=4, steps=2, batch_size=2, conv_dims=(8,) * 7, crop_samples=8000)
+TINY = dict(width=32, layers=1, heads=2, clusters=4, steps=2, batch_size=2, conv_dims=(8,) * 5, crop_samples=8000)
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -101,7 +101,8 @@ def cmd_convert(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed)
+    run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed, plus=args.plus,
+             check=not args.no_check)
 
 
 def cmd_index(args) -> None:
@@ -156,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0,
                       help="another draw of every training run on the same corpus (0: the default build); "
                            "with --out elsewhere, to measure the spread of the results")
+    demo.add_argument("--plus", action="store_true",
+                      help="also train SpeechCLIP+'s hybrid_plus (CIF keywords) and add its line to the table")
+    demo.add_argument("--no-check", action="store_true", help="start even with less free memory or disk than it needs")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -35,6 +35,8 @@ def format_demo_table(results: dict) -> str:
                  f"random upstream {100 * rnd['keywords']['hit_rate']:.1f}%)")
     for example in kw["examples"][:3]:
         lines.append(f"    {example['text']!r} -> " + " ".join(slot[0] for slot in example["keywords"]))
+    if "plus" in results:
+        lines += _plus_lines(results["plus"])
     s2i = pre["parallel"]["speech_to_image"]["recall"][1]
     s2t = pre["parallel"]["speech_to_text"]
     ratio, times_chance = s2i / max(ceiling["recall"][1], 1e-9), s2t["recall"][1] / s2t["chance"][1]
@@ -47,7 +49,23 @@ def format_demo_table(results: dict) -> str:
         f"{100 * rnd['parallel']['speech_to_image']['recall'][1]:.1f}",
         f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items()) + ")",
     ]
+    peaks = results.get("stage_peak_memory_mib")
+    if peaks and results.get("peak_memory_mib"):
+        lines.append(f"  peak memory of the process tree: {results['peak_memory_mib'] / 1024:.1f} GiB  ("
+                     + ", ".join(f"{k.split('.')[0]}:{v / 1024:.1f}" for k, v in peaks.items()) + " GiB)")
     return "\n".join(lines)
+
+
+def _plus_lines(plus: dict) -> list[str]:
+    """SpeechCLIP+'s hybrid_plus on the same pre-trained upstream (--plus): CIF fires a variable number of keywords."""
+    kw = plus["keywords"]
+    lines = [_row("SpeechCLIP+ speech -> image (parallel)", plus["parallel"]["speech_to_image"]),
+             _row("SpeechCLIP+ speech -> image (cascaded)", plus["cascaded"]["speech_to_image"]),
+             f"  SpeechCLIP+ (hybrid_plus) keyword hit rate: {100 * kw['hit_rate']:.1f}%  (chance {100 * kw['chance']:.1f}%), "
+             f"{kw['mean_keywords']:.2f} keywords per utterance"]
+    for example in kw["examples"][:2]:
+        lines.append(f"    {example['text']!r} -> " + " ".join(slot[0] for slot in example["keywords"]))
+    return lines
 
 
 def write_pictures(out: Path, results: dict, clip_log: dict, hubert_log: dict) -> None:

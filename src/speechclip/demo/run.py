@@ -1,86 +1,69 @@
 """`speechclip demo`: the whole paper offline, from nothing, on a laptop.
 
+0. check free memory and disk (one line saying what is missing, instead of being killed part way);
 1. build the offline spoken-caption corpus (or reuse it);
 2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
    saved as ordinary Hugging Face folders (reused on the next run);
 3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and, side
-   by side in a second process, the same on a randomly initialised frozen upstream as a control;
+   by side in a second process, the same on a randomly initialised frozen upstream as a control (with
+   --plus, also SpeechCLIP+'s hybrid_plus on the pre-trained upstream);
 4. evaluate on the test split (unseen images, unseen speakers) and print one table;
 5. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
+Each stage prints its wall time and the peak memory of the whole process tree (`memory.py`).
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from ..audio import load_audio
 from ..clip import FrozenCLIP
 from ..data import image_table, read_dataset
-from ..data.synthetic import CorpusSpec, build_corpus
+from ..data.synthetic import build_corpus
 from ..evaluate import evaluate
 from ..image_cache import ImageEmbeddingCache
 from ..metrics import recall_at_k
 from ..mini_encoders import save_mini_speech
 from ..model import SpeechCLIP
-from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
-from ..pretrain.mini_hubert import MiniHubertSpec, hubert_config, pretrain_mini_hubert
-from ..pretrain.precision import cpu_has_fast_bf16
-from ..quiet import quiet_libraries
-from ..train.config import run_config_from_dict
-from ..train.run import fit
+from ..pretrain.mini_clip import pretrain_mini_clip
+from ..pretrain.mini_hubert import hubert_config, pretrain_mini_hubert
+from .memory import MiB, TreeSampler, check_resources, folder_bytes
 from .report import format_demo_table, write_pictures
+from .spec import DemoSpec, speechclip_config
+from .train import train_all
 
-
-@dataclass
-class DemoSpec:
-    corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
-    hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    speechclip_steps: int = 4400
-    batch_size: int = 64
-    lr: float = 1e-3
-    num_keywords: int = 6
-    speechclip_seed: int = 7  # the training layer's default seed
-
-    def seeded(self, seed: int) -> "DemoSpec":
-        """Another draw of every training run (mini CLIP, mini HuBERT, both SpeechCLIP runs, the control's
-        random upstream) on the same corpus, so the test set stays the same: seed 0 is the default build."""
-        return replace(self, clip=replace(self.clip, seed=self.clip.seed + seed), hubert=replace(self.hubert, seed=self.hubert.seed + seed),
-                       speechclip_seed=self.speechclip_seed + seed)
-
-    @classmethod
-    def quick(cls) -> "DemoSpec":
-        """Seconds, not minutes: every stage runs, on a toy scale (what the tests use)."""
-        return cls(corpus=CorpusSpec(num_scenes=24, num_clipart=4, captions_per_image=2, val_images=4, test_images=6),
-                   clip=MiniCLIPSpec(width=32, layers=1, heads=2, vocab_size=300, steps=5, batch_size=16, projection_dim=32),
-                   hubert=MiniHubertSpec(width=32, layers=1, heads=2, clusters=8, steps=3, batch_size=4,
-                                         conv_dims=(16,) * 7),
-                   speechclip_steps=4, batch_size=8, num_keywords=2)
+GiB = 1 << 30
+# What a full build needs (measured: benchmarks/demo_memory.py, RESULTS.md "demo memory"): the process tree's
+# peak PSS with room to spare, and the folder's size when finished (corpus, encoders, state caches, runs).
+FULL_BUILD_MEMORY, FULL_BUILD_DISK = 6 * GiB, 5 * GiB
+QUICK_BUILD_MEMORY, QUICK_BUILD_DISK = 2 * GiB, GiB // 4
 
 
 class Stages:
-    """Prints a line as each stage starts and ends, and keeps the wall time of each."""
+    """Prints a line as each stage starts and ends, with its wall time and the peak memory of the process
+    tree (this process and the training processes it spawns) during it."""
 
-    def __init__(self):
+    def __init__(self, memory: TreeSampler):
+        self.memory = memory
         self.seconds: dict[str, float] = {}
+        self.peak_mib: dict[str, int] = {}
 
     @contextmanager
     def __call__(self, name: str):
         print(f"[demo] {name} ...", flush=True)
+        self.memory.mark()
         started = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - started, 1)
-        print(f"[demo] {name}: {self.seconds[name]:.1f} s", flush=True)
+        peak = self.memory.mark()
+        self.peak_mib[name] = round(peak.pss / MiB)
+        memory = f", peak memory {peak.pss / GiB:.1f} GiB ({peak.processes} processes)" if self.memory.available else ""
+        print(f"[demo] {name}: {self.seconds[name]:.1f} s{memory}", flush=True)
 
 
 def _cached(folder: Path, spec: object, build) -> dict:
@@ -99,102 +82,40 @@ def _cached(folder: Path, spec: object, build) -> dict:
     return log
 
 
-def _speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path) -> dict:
-    return {
-        "model": {"upstream": str(upstream), "clip": str(clip), "variant": "hybrid",
-                  # SpeechCLIP+ hybrid: one attention layer shared by the parallel CLS and the keywords
-                  "cascaded": {"num_keywords": spec.num_keywords, "num_heads": 4}},
-        "data": {"kind": "manifest", "root": str(corpus)},
-        "train": {"batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": max(1, spec.speechclip_steps // 10),
-                  "max_steps": spec.speechclip_steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, spec.speechclip_steps // 4),
-                  "checkpoint_every_steps": max(1, spec.speechclip_steps // 4), "num_workers": 0, "cache_dir": str(cache),
-                  "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
-                  "precision": "bf16-mixed" if cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
-    }
+def preflight(out: Path, quick: bool) -> None:
+    """Refuse to start, in one line, where the build would run out of memory or disk part way."""
+    memory, disk = (QUICK_BUILD_MEMORY, QUICK_BUILD_DISK) if quick else (FULL_BUILD_MEMORY, FULL_BUILD_DISK)
+    problem = check_resources(out, memory, max(0, disk - folder_bytes(out)))
+    if problem:
+        raise SystemExit(f"speechclip demo: {problem}; free some, or pass --no-check to try anyway")
 
 
-def _finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
-    """The summary of a finished run in run_dir of the same configuration on encoders of the same
-    pre-training spec, if there is one."""
-    marker = run_dir / "demo_run.json"
-    if marker.is_file() and (run_dir / "final" / "model.safetensors").is_file():
-        saved = json.loads(marker.read_text())
-        if saved["config"] == values and saved.get("encoders") == encoders:
-            print(f"[demo] reusing {run_dir} (same configuration; --retrain to train again)", flush=True)
-            return {**saved["summary"], "reused": True}
-    return None
-
-
-def _train(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
-    """bars=False: step lines instead of progress bars."""
-    print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
-    # the demo owns its run folders: a run it decided to train again replaces the old one
-    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)],
-                  overwrite=True)
-    (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
-    return {**summary, "reused": False}
-
-
-class StepLines(Callback):
-    """A line every tenth of training: two runs sharing a terminal cannot share progress bars."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.started = time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step, total = trainer.global_step, trainer.max_steps
-        if step % max(1, total // 10) == 0 or step == total:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            print(f"[demo] {self.name}: step {step}/{total}, loss {float(loss):.3f}, "
-                  f"{time.perf_counter() - self.started:.0f} s", flush=True)
-
-
-def _train_in_process(threads: int, *job) -> dict:
-    quiet_libraries()
-    torch.set_num_threads(threads)
-    return _train(*job, bars=False)
-
-
-def _train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
-    """name -> (values, encoders, run_dir): finished runs are reused (unless `retrain`); the others train at
-    once, one process each, the CPU threads shared out.
-    Why: the head's small matmuls use extra threads poorly. On 2 cores a head step takes 31 ms with 2 threads
-    and 49 ms with 1, also while a second 1-thread process runs (benchmarks/demo_threads.py); the two demo
-    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md).
-    With fewer threads than runs, or on a GPU, they run one after the other in this process."""
-    runs = {name: None if retrain else _finished_run(*job) for name, job in jobs.items()}
-    todo = {name: job for name, job in jobs.items() if runs[name] is None}
-    threads = torch.get_num_threads()
-    if len(todo) < 2 or threads < len(todo) or torch.cuda.is_available():
-        runs.update({name: _train(*job, name) for name, job in todo.items()})
-        return runs
-    failure = None
-    with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_in_process, threads // len(todo), *job, name): name for name, job in todo.items()}
-        for future in as_completed(futures):
-            try:
-                runs[futures[future]] = future.result()
-            except Exception as error:  # say so now; the other runs go on, and what they train is kept
-                print(f"[demo] {futures[future]}: failed: {error!r}", flush=True)
-                failure = failure or error
-    if failure is not None:
-        raise failure
-    return runs
-
-
-def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False, seed: int = 0) -> dict:
-    """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again;
-    seed: another draw of the training runs (0: the default build)."""
+def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False, seed: int = 0,
+             plus: bool = False, check: bool = True) -> dict:
+    """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again; seed: another
+    draw of the training runs (0: the default build); plus: also train and report SpeechCLIP+'s hybrid_plus."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = (DemoSpec.quick() if quick else DemoSpec()).seeded(seed)
     out.mkdir(parents=True, exist_ok=True)
+    if check:
+        preflight(out, quick)
     if fresh:
         retrain = True
         for marker in out.glob("**/pretrain.json"):
             marker.unlink()
         (out / "corpus" / "corpus.json").unlink(missing_ok=True)
-    stage = Stages()
+    with TreeSampler() as memory:
+        results = _build(out, spec, Stages(memory), retrain, plus)
+        results["peak_memory_mib"] = round(memory.whole.pss / MiB)
+        results["peak_memory_rss_mib"] = round(memory.whole.rss / MiB)
+    results["quick"] = quick
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(format_demo_table(results))
+    print(f"[demo] results: {out / 'results.json'}, pictures: {out / 'pictures'}")
+    return results
+
+
+def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) -> dict:
     started = time.perf_counter()
     with stage("1. offline corpus"):
         corpus_dir = out / "corpus"
@@ -206,24 +127,26 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
         clip_log = _cached(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(pairs, encoders / "clip", spec.clip))
     with stage("2b. pre-train mini HuBERT"):
         hubert_log = _cached(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
-            [torch.from_numpy(load_audio(i.audio)) for i in train_items], encoders / "hubert", spec.hubert))
+            [i.audio for i in train_items], encoders / "hubert", spec.hubert))
         torch.manual_seed(spec.hubert.seed + 1)
         save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
+    del train_items, pairs
     with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
         specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
-        runs = _train_all({name: (_speechclip_config(spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache"),
-                                  specs, out / "runs" / name)
-                           for name, folder in (("pretrained", "hubert"), ("random", "hubert-random"))}, retrain)
+        config = lambda folder, variant="hybrid": speechclip_config(  # noqa: E731
+            spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant)
+        jobs = {"pretrained": (config("hubert"), specs, out / "runs" / "pretrained"),
+                "random": (config("hubert-random"), specs, out / "runs" / "random")}
+        if plus:
+            jobs["plus"] = (config("hubert", "hybrid_plus"), specs, out / "runs" / "plus")
+        runs = train_all(jobs, retrain)
     with stage("4. evaluate on the test split"):
-        results = _evaluate(out, corpus_dir, encoders / "clip")
+        results = _evaluate(out, corpus_dir, encoders / "clip", list(jobs))
     with stage("5. pictures"):
         write_pictures(out, results, clip_log, hubert_log)
-    results.update(corpus=corpus, stage_seconds=stage.seconds, total_seconds=round(time.perf_counter() - started, 1),
-                   pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs, quick=quick)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-
-    print(format_demo_table(results))
-    print(f"[demo] results: {out / 'results.json'}, pictures: {out / 'pictures'}")
+    results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
+                   total_seconds=round(time.perf_counter() - started, 1),
+                   pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results
 
 
@@ -231,13 +154,13 @@ def _short(log: dict) -> dict:
     return {k: v for k, v in log.items() if k != "losses"}
 
 
-def _evaluate(out: Path, corpus_dir: Path, clip_dir: Path) -> dict:
+def _evaluate(out: Path, corpus_dir: Path, clip_dir: Path, runs: list[str]) -> dict:
     test = read_dataset("manifest", str(corpus_dir), "test")
     results = {}
-    for name in ("pretrained", "random"):
+    for name in runs:
         model = SpeechCLIP.from_pretrained(out / "runs" / name / "final")
-        cache = ImageEmbeddingCache(out / "cache", model.clip)
-        results[name] = evaluate(model, test, cache)
+        results[name] = evaluate(model, test, ImageEmbeddingCache(out / "cache", model.clip))
+        del model
     clip = FrozenCLIP(str(clip_dir))
     table = image_table(test)
     images = ImageEmbeddingCache(out / "cache", clip).embeddings(table.paths)

@@ -18,7 +18,7 @@ from transformers import AutoModel, CLIPConfig
 
 from ..images import load_image
 from ..mini_encoders import mini_clip_config, mini_image_processor, save_mini_clip, train_clip_tokenizer
-from .precision import ATTENTION, cpu_autocast, cpu_has_fast_bf16
+from .precision import attention_kernel, cpu_autocast, cpu_has_fast_bf16
 
 
 @dataclass
@@ -61,7 +61,8 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     captions = [c for _, c in pairs]
     tokenizer = train_clip_tokenizer(captions, spec.vocab_size)
     config = clip_config(spec, len(tokenizer))
-    model = AutoModel.from_config(config, attn_implementation=ATTENTION).train()
+    bf16 = spec.bf16 and cpu_has_fast_bf16()
+    model = AutoModel.from_config(config, attn_implementation=attention_kernel(bf16)).train()
     images = sorted({p for p, _ in pairs})
     row = {p: i for i, p in enumerate(images)}
     pixels = _pixels(images, spec.image_size)
@@ -71,13 +72,12 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     warmup = max(1, spec.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / spec.steps))))
     generator = torch.Generator().manual_seed(spec.seed)
-    bf16 = spec.bf16 and cpu_has_fast_bf16()
     losses = []
     for step in tqdm(range(spec.steps), desc="mini CLIP", disable=not progress, unit="step"):
         batch = _distinct_image_batch(image_of, spec.batch_size, generator)
+        ids, mask = _trimmed(tokens["input_ids"][batch], tokens["attention_mask"][batch])
         with cpu_autocast(bf16):
-            output = model(input_ids=tokens["input_ids"][batch], attention_mask=tokens["attention_mask"][batch],
-                           pixel_values=pixels[image_of[batch]], return_loss=True)
+            output = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[image_of[batch]], return_loss=True)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,6 +89,14 @@ def pretrain_mini_clip(pairs: Sequence[tuple[Path, str]], out: str | Path, spec:
     save_mini_clip(out, tokenizer, config, model.eval())
     return {"steps": spec.steps, "loss_first": losses[0], "loss_last": sum(losses[-20:]) / min(20, len(losses)),
             "bf16": bf16, "losses": losses, "seconds": round(time.perf_counter() - started, 1), "pairs": len(pairs), "images": len(images)}
+
+
+def _trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns no caption of the batch reaches. Exact: the text tower is causal and reads
+    its feature at the first EOS, so no kept position ever attends to a dropped one; the demo's captions
+    fill a third of the 32 positions, and the text tower's step shrinks with them."""
+    width = int(mask.sum(1).max())
+    return ids[:, :width], mask[:, :width]
 
 
 def _distinct_image_batch(image_of: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

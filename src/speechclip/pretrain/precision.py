@@ -3,8 +3,8 @@
 Measured on the project's 2-core AVX512-BF16 machine (`python benchmarks/pretrain_step.py`, one step,
 fp32 -> bf16 autocast with eager attention): mini HuBERT 154 -> 96 ms, mini CLIP 373 -> 133 ms. Eager
 attention matters under bf16: CPU SDPA's flash-attention backward is the slowest kernel of the step there.
-Weights and optimiser state stay fp32; the saved folders are ordinary fp32 checkpoints that load with the
-default attention kernel.
+In fp32 (CPUs without bf16 units, e.g. AVX2 only) SDPA is the faster kernel. Weights and optimiser state
+stay fp32; the saved folders are ordinary fp32 checkpoints that load with the default attention kernel.
 """
 
 from __future__ import annotations
@@ -22,4 +22,6 @@ def cpu_autocast(enabled: bool) -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
-ATTENTION = "eager"  # the attention kernel the pre-training models are built with (see the module note)
+def attention_kernel(bf16: bool) -> str:
+    """The attention kernel the pre-training models are built with (see the module note)."""
+    return "eager" if bf16 else "sdpa"

@@ -1,0 +1,165 @@
+"""Memory of the demo's whole process tree (the parent and the training processes it spawns), read from
+/proc, and the check of free memory and disk before a build starts.
+
+Why a tree and not `ru_maxrss`: the demo trains its two SpeechCLIP runs in spawned processes, and what a
+laptop must hold is their sum with the parent's at the same moment. Why RSS and PSS both: RSS counts the
+pages of shared libraries (torch: ~150 MiB) once per process, so its sum over processes overstates what
+is held; PSS splits shared pages between their users, so its sum is what the tree holds. The page cache
+(the corpus, the on-disk upstream-state caches) is not in either: the kernel gives it back under pressure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def _children(pid: int, parents: dict[int, int]) -> list[int]:
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for child, parent in parents.items() if parent in frontier]
+        tree += frontier
+    return tree
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (one pass over /proc)."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+                out[int(entry.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):  # the process ended while we looked
+                pass
+    return out
+
+
+def _process_kib(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) of one process in KiB, from /proc/<pid>/smaps_rollup (0, 0 if it is gone)."""
+    values = {"Rss:": 0, "Pss:": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                name, _, rest = line.partition(" ")
+                if name in values:
+                    values[name] = int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return values["Rss:"], values["Pss:"]
+
+
+def tree_memory(pid: int | None = None) -> tuple[int, int, int]:
+    """(sum of RSS, sum of PSS, processes) in bytes over `pid` (default: this process) and its descendants."""
+    pids = _children(pid or os.getpid(), _parents())
+    rss = pss = 0
+    for p in pids:
+        r, s = _process_kib(p)
+        rss, pss = rss + r, pss + s
+    return rss * 1024, pss * 1024, len(pids)
+
+
+def page_cache_bytes() -> int:
+    """The kernel's page cache (`Cached` in /proc/meminfo): file pages, shared and reclaimable."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Peak:
+    rss: int = 0  # bytes: the highest sum of RSS over the tree seen
+    pss: int = 0  # bytes: the highest sum of PSS over the tree seen
+    processes: int = 0
+
+    def update(self, rss: int, pss: int, processes: int) -> None:
+        self.rss, self.pss, self.processes = max(self.rss, rss), max(self.pss, pss), max(self.processes, processes)
+
+
+@dataclass
+class TreeSampler:
+    """Samples the tree's memory every `interval` seconds in a background thread; `mark()` starts a new
+    stage and returns the peak of the one before. Off where there is no /proc (then every peak is 0)."""
+
+    interval: float = 0.5
+    pid: int = field(default_factory=os.getpid)
+    whole: Peak = field(default_factory=Peak)
+    stage: Peak = field(default_factory=Peak)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="demo-memory", daemon=True)
+        self.available = Path("/proc/self/smaps_rollup").is_file()
+
+    def __enter__(self) -> "TreeSampler":
+        if self.available:
+            self._sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _sample(self) -> None:
+        sample = tree_memory(self.pid)
+        with self._lock:
+            self.whole.update(*sample)
+            self.stage.update(*sample)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def mark(self) -> Peak:
+        """The peak since the last mark (sampled once more now), and a new stage begins."""
+        if self.available:
+            self._sample()
+        with self._lock:
+            done, self.stage = self.stage, Peak()
+        return done
+
+
+# ---- before a build ----------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """MemAvailable (bytes): what can be allocated without swapping, page cache included."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_resources(folder: Path, memory: int, disk: int) -> str | None:
+    """One line saying what is missing (None: enough). `disk` counts what the folder does not hold yet."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free_disk = shutil.disk_usage(folder).free
+    free_memory = available_memory()
+    problems = []
+    if free_memory is not None and free_memory < memory:
+        problems.append(f"{memory / 2**30:.1f} GiB of free memory (available now: {free_memory / 2**30:.1f} GiB)")
+    if free_disk < disk:
+        problems.append(f"{disk / 2**30:.1f} GiB of free disk under {folder} (free now: {free_disk / 2**30:.1f} GiB)")
+    return ("needs " + " and ".join(problems)) if problems else None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+
+
+def timestamp() -> float:
+    return time.perf_counter()
