@@ -51,8 +51,8 @@ def test_plan_picks_the_kind_by_size_and_estimates_memory():
 
     assert [plan_index(n, 512).kind for n in (1000, 500_000, 10_000_000)] == ["flat", "ivf", "ivfpq"]
     plan = plan_index(10_000_000, 512, id_chars=10)
-    # ~sqrt(N) lists, 8 dims per sub-quantizer, the top 1,000 re-scored exactly from the shards on disk
-    assert plan.params == {"nlist": 2048, "nprobe": 32, "m": 64, "nbits": 8, "refine": 1000}
+    # ~sqrt(N) lists, 8 dims per sub-quantizer, the top 300 re-scored exactly from the shards on disk
+    assert plan.params == {"nlist": 2048, "nprobe": 64, "m": 64, "nbits": 8, "refine": 300}
     assert plan.memory["codes"] == 10_000_000 * (64 + 8)  # 64-byte codes + FAISS's int64 ids
     assert plan.memory["centroids"] == (2048 + 256) * 512 * 4 and plan.memory["ids"] == 10_000_000 * (10 + 57)
     assert "ivfpq index of 10,000,000 x 512" in plan.describe() and "codes 687 MB" in plan.describe()

@@ -236,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("--nprobe", type=int, help="IVF lists visited per query")
     index.add_argument("--m", type=int, help="IVF-PQ sub-quantizers (bytes per code; must divide the dimension)")
     index.add_argument("--refine", type=int, help="IVF-PQ candidates re-scored exactly from the embeddings on disk "
-                                                  "(default 1000; 0: none, the index alone)")
+                                                  "(default 300; 0: none, the index alone)")
     index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="query an index with speech, text or an image")
