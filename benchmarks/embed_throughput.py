@@ -82,7 +82,7 @@ def main() -> None:
 
 def tiny_model_and_clips(count: int) -> tuple[Path, list[SpokenCaption]]:
     """A saved parallel SpeechCLIP on the demo's mini HuBERT architecture, and `count` clips on disk (cached)."""
-    from speechclip.mini_encoders import mini_clip_config, save_mini_clip, save_mini_speech, train_clip_tokenizer
+    from speechclip.mini_encoders import save_mini_clip, save_mini_speech, train_clip_tokenizer
     from speechclip.pretrain.mini_clip import MiniCLIPSpec, clip_config
     from speechclip.pretrain.mini_hubert import MiniHubertSpec, hubert_config
 
