@@ -56,8 +56,9 @@ def _step(last: Path) -> int | None:
     return torch.load(last, weights_only=True)["global_step"] if last.is_file() else None
 
 
-def _wait_for_step(process: subprocess.Popen, last: Path, step: int) -> None:
-    seen, deadline = None, time.time() + 120
+def _wait_for_step(process: subprocess.Popen, last: Path, step: int, seconds: float = 120) -> None:
+    """Returns once the checkpoint reaches `step`, the process ends, or `seconds` pass."""
+    seen, deadline = None, time.time() + seconds
     while time.time() < deadline and process.poll() is None:
         stamp = last.stat().st_mtime_ns if last.is_file() else None
         if stamp != seen:
@@ -83,8 +84,8 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(encoders, tiny_c
     for attempt, target in enumerate([rng.randint(2, 8), None, rng.randint(12, 20)]):
         process = subprocess.Popen(command + (["--resume"] if attempt else []), env=_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if target is None:  # any moment from launch: imports, loading or training
-            time.sleep(rng.uniform(0.0, 8.0))
+        if target is None:  # any moment from launch (imports, loading or training), yet before the run ends
+            _wait_for_step(process, last, (_step(last) or 0) + 4, seconds=rng.uniform(0.0, 8.0))
         else:  # a random moment of training step `target` (its step, validation or checkpoint write)
             _wait_for_step(process, last, target)
             time.sleep(rng.uniform(0.0, 0.05))
