@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .audio import AudioError, pad_batch, to_waveform
+from .audio import pad_batch
 from .data.items import SpokenCaption
 from .images import load_image
 from .model import SpeechCLIP
@@ -79,19 +79,11 @@ def shard_path(out: Path, kind: str, number: int) -> Path:
 def prepare_batch(model: SpeechCLIP, kind: str, inputs: Sequence) -> dict[str, torch.Tensor]:
     """Read and pad a batch: waveforms, image pixels or text tokens."""
     if kind == "speech":
-        waves, lengths = pad_batch([_speech_wave(model, a) for a in inputs])
+        waves, lengths = pad_batch([model.waveform(a, i) for i, a in enumerate(inputs)])
         return {"waves": waves, "lengths": lengths}
     if kind == "image":
         return {"pixels": model.clip.preprocess_images([load_image(p) for p in inputs])}
     return dict(model.clip.tokenize(list(inputs)))
-
-
-def _speech_wave(model: SpeechCLIP, audio) -> torch.Tensor:
-    """A clip as a 16 kHz waveform, refused (naming it) when shorter than the upstream's receptive field."""
-    wave = to_waveform(audio, name=str(audio))
-    if wave.numel() < model.upstream.min_samples:
-        raise AudioError(f"{audio}: too short ({wave.numel()} samples); the upstream needs at least {model.upstream.min_samples}")
-    return wave
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ class SpeechCLIP(nn.Module):
     def speech_outputs(self, audio: AudioInput | Sequence[AudioInput], batch_size: int = 16) -> list[SpeechOutput]:
         """Run the model over clips in batches of similar length (less padding), in input order. A single
         path, string or 1-D array is one clip."""
-        waves = [self._waveform(item, i) for i, item in enumerate(_clips(audio))]
+        waves = [self.waveform(item, i) for i, item in enumerate(_clips(audio))]
         order = sorted(range(len(waves)), key=lambda i: waves[i].numel())
         was_training = self.training
         self.eval()
@@ -120,7 +120,9 @@ class SpeechCLIP(nn.Module):
             self.train(was_training)
         return [results[i] for i in range(len(waves))]
 
-    def _waveform(self, item: AudioInput, index: int) -> torch.Tensor:
+    def waveform(self, item: AudioInput, index: int = 0) -> torch.Tensor:
+        """One clip as a 16 kHz waveform this model can take: refused, naming the file (or `audio[index]`),
+        when shorter than the upstream's receptive field."""
         name = str(item) if isinstance(item, (str, Path)) else f"audio[{index}]"
         wave = to_waveform(item, name=name)
         if wave.numel() < self.upstream.min_samples:
