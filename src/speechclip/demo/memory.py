@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,13 +65,21 @@ def tree_memory(pid: int | None = None) -> tuple[int, int, int]:
     return rss * 1024, pss * 1024, len(pids)
 
 
+def _meminfo_bytes(field: str) -> int | None:
+    """One field of /proc/meminfo in bytes (None where there is no /proc or no such field)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def page_cache_bytes() -> int:
     """The kernel's page cache (`Cached` in /proc/meminfo): file pages, shared and reclaimable."""
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _meminfo_bytes("Cached") or 0
 
 
 @dataclass
@@ -134,14 +141,7 @@ class TreeSampler:
 # ---- before a build ----------------------------------------------------------------------------------
 def available_memory() -> int | None:
     """MemAvailable (bytes): what can be allocated without swapping, page cache included."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _meminfo_bytes("MemAvailable")
 
 
 def check_resources(folder: Path, memory: int, disk: int) -> str | None:
@@ -159,7 +159,3 @@ def check_resources(folder: Path, memory: int, disk: int) -> str | None:
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
-
-
-def timestamp() -> float:
-    return time.perf_counter()
