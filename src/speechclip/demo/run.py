@@ -15,6 +15,7 @@ Each stage prints its wall time and the peak memory of the whole process tree (`
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -131,6 +132,8 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
             [i.audio for i in train_items], encoders / "hubert", spec.hubert))
         torch.manual_seed(spec.hubert.seed + 1)
         save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
+        if not hubert_log["reused"]:
+            _drop_state_caches(out / "cache")
     del train_items, pairs
     with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
         specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
@@ -149,6 +152,12 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
                    total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results
+
+
+def _drop_state_caches(cache: Path) -> None:
+    """The mini HuBERT was pre-trained again (a new folder, --fresh, another --seed): every upstream-state cache
+    here is of upstreams that no longer exist, 1.1 GiB each at the demo's size, and would only pile up."""
+    shutil.rmtree(cache / "upstream_states", ignore_errors=True)
 
 
 def _short(log: dict) -> dict:

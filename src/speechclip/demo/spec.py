@@ -19,9 +19,10 @@ class DemoSpec:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
     hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    # 8,800 steps: validation recall still rose at the end of 4,400, and on the same encoders 8,800 reached
-    # speech->image R@1 47.2 against 43.5 (0.840x the ceiling against 0.774x; RESULTS.md "demo stages")
-    speechclip_steps: int = 8800
+    # 8,800 steps were tried on the same encoders: 0.789x the ceiling against 0.783x in the demo's own build
+    # (1 thread), 0.840x against 0.774x with 2 threads: within the spread of a draw, for 1.7x the stage's
+    # time (RESULTS.md "demo stages")
+    speechclip_steps: int = 4400
     plus_steps: int = 4400  # hybrid_plus (--plus): the length its figures were measured at (README)
     batch_size: int = 64
     lr: float = 2e-3
