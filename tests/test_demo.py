@@ -46,7 +46,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     before = {folder.name for folder in caches.iterdir()}
     main(["demo", "--quick", "--seed", "1", "--out", str(tmp_path)])
     after = {folder.name for folder in caches.iterdir()}
-    assert after and not before & after and len(after) == len(before)
+    assert after and not before & after
     reseeded = json.loads((tmp_path / "results.json").read_text())
     assert not reseeded["pretraining"]["hubert"]["reused"] and not reseeded["pretraining"]["clip"]["reused"]
     assert reseeded["pretraining"]["hubert"]["spec"]["seed"] == retrained["pretraining"]["hubert"]["spec"]["seed"] + 1
