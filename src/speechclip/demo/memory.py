@@ -97,7 +97,9 @@ class TreeSampler:
     """Samples the tree's memory every `interval` seconds in a background thread; `mark()` starts a new
     stage and returns the peak of the one before. Off where there is no /proc (then every peak is 0)."""
 
-    interval: float = 0.5
+    # a sample reads every process's smaps_rollup: 44 ms for the demo's tree during pre-training here, so every
+    # 0.5 s it took 9% of a core from the training beside it; the demo's peaks (caches, loaded models) last far longer
+    interval: float = 2.0
     pid: int = field(default_factory=os.getpid)
     whole: Peak = field(default_factory=Peak)
     stage: Peak = field(default_factory=Peak)
