@@ -35,11 +35,12 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", type=Path)
     args = parser.parse_args()
     rows = [draw(folder) for folder in args.folders]
-    print(f"{'folder':<24}{'seed':>5}{'s->i R@1':>10}{'ceiling':>9}{'ratio':>8}{'s->t x chance':>15}"
+    width = max(len(row["folder"]) for row in rows) + 2
+    print(f"{'folder':<{width}}{'seed':>5}{'s->i R@1':>10}{'ceiling':>9}{'ratio':>8}{'s->t x chance':>15}"
           f"{'random':>8}{'kw hit':>8}{'casc.':>7}{'seconds':>9}{'peak GiB':>10}")
     for row in rows:
         peak = f"{row['peak_memory_mib'] / 1024:.1f}" if row["peak_memory_mib"] else "-"
-        print(f"{row['folder']:<24}{row['seed']:>5}{100 * row['speech_to_image_r1']:>10.1f}{100 * row['ceiling_r1']:>9.1f}"
+        print(f"{row['folder']:<{width}}{row['seed']:>5}{100 * row['speech_to_image_r1']:>10.1f}{100 * row['ceiling_r1']:>9.1f}"
               f"{row['ratio']:>8.3f}{row['zero_shot_times_chance']:>15.1f}{100 * row['random_speech_to_image_r1']:>8.1f}"
               f"{100 * row['keyword_hit_rate']:>8.1f}{100 * row['cascaded_speech_to_image_r1']:>7.1f}"
               f"{row['total_seconds']:>9.0f}{peak:>10}")
