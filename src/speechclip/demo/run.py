@@ -33,6 +33,7 @@ from ..mini_encoders import save_mini_speech
 from ..model import SpeechCLIP
 from ..pretrain.mini_clip import pretrain_mini_clip
 from ..pretrain.mini_hubert import hubert_config, pretrain_mini_hubert
+from ..train.state_cache import state_caches_folder
 from .memory import MiB, TreeSampler, check_resources, folder_bytes
 from .report import format_demo_table, write_pictures
 from .spec import DemoSpec, speechclip_config
@@ -157,7 +158,7 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
 def _drop_state_caches(cache: Path) -> None:
     """The mini HuBERT was pre-trained again (a new folder, --fresh, another --seed): every upstream-state cache
     here is of upstreams that no longer exist, 1.1 GiB each at the demo's size, and would only pile up."""
-    shutil.rmtree(cache / "upstream_states", ignore_errors=True)
+    shutil.rmtree(state_caches_folder(cache), ignore_errors=True)
 
 
 def _short(log: dict) -> dict:

@@ -160,6 +160,11 @@ def _load_batch(items: Sequence[SpokenCaption], rows: list[int], on_error: str,
     return good, waves
 
 
+def state_caches_folder(cache_dir: str | Path) -> Path:
+    """Where a run's `cache_dir` keeps its upstream-state caches, one subfolder per key."""
+    return Path(cache_dir) / "upstream_states"
+
+
 @torch.no_grad()
 def build_state_cache(upstream: SpeechUpstream, items: Sequence[SpokenCaption], lengths: Sequence[int], cache_dir: str | Path,
                       batch_size: int = 32, on_error: str = "raise", autocast: Callable[[], object] = nullcontext,
@@ -167,7 +172,7 @@ def build_state_cache(upstream: SpeechUpstream, items: Sequence[SpokenCaption], 
     """The states of every clip of `items` (row order), computed once, batched by similar length, or the
     cache a previous run made of the same upstream and clips."""
     key, inputs = cache_key(upstream, items, precision)
-    folder = Path(cache_dir) / "upstream_states" / key
+    folder = state_caches_folder(cache_dir) / key
     if (folder / "meta.json").is_file():
         return StateStore(folder)
     writer = StateCacheWriter(folder, len(items))
