@@ -19,12 +19,14 @@ class DemoSpec:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
     hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    # 8,800 steps were tried on the same encoders: 0.789x the ceiling against 0.783x in the demo's own build
-    # (1 thread), 0.840x against 0.774x with 2 threads: within the spread of a draw, for 1.7x the stage's
-    # time (RESULTS.md "demo stages")
-    speechclip_steps: int = 4400
-    plus_steps: int = 4400  # hybrid_plus (--plus): the length its figures were measured at (README)
-    batch_size: int = 64
+    # 2,200 steps of 128 clips instead of 4,400 of 64: the same clips seen, in about 0.8x the stage's time
+    # (fewer, larger matmuls), and twice the negatives per contrastive step; on draws 0 and 2 it gave 0.777x
+    # and 0.804x the ceiling against 0.783x and 0.792x (RESULTS.md "demo stages", stop 20). 8,800 steps of 64
+    # were tried too: 0.789x against 0.783x on draw 0, for 1.7x the time.
+    speechclip_steps: int = 2200
+    batch_size: int = 128
+    plus_steps: int = 4400  # hybrid_plus (--plus): the length and batch its figures were measured at (README)
+    plus_batch_size: int = 64
     lr: float = 2e-3
     num_keywords: int = 6
     num_heads: int = 4  # the hybrid's one shared layer (reference Base: 1 head at width 768)
@@ -50,13 +52,13 @@ class DemoSpec:
                    clip=MiniCLIPSpec(width=32, layers=1, heads=2, vocab_size=300, steps=5, batch_size=16, projection_dim=32),
                    hubert=MiniHubertSpec(width=32, layers=1, heads=2, clusters=8, steps=3, batch_size=4,
                                          conv_dims=(16,) * 5),
-                   speechclip_steps=4, plus_steps=4, batch_size=8, num_keywords=2, num_heads=2, plus_max_keywords=8, ffn_dim=64,
+                   speechclip_steps=4, plus_steps=4, batch_size=8, plus_batch_size=8, num_keywords=2, num_heads=2, plus_max_keywords=8, ffn_dim=64,
                    projection_hidden=(64,))
 
 
 def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path, variant: str = "hybrid") -> dict:
     """The run configuration of one demo SpeechCLIP run (hybrid, or hybrid_plus for the SpeechCLIP+ line)."""
-    steps = spec.speechclip_steps if variant == "hybrid" else spec.plus_steps
+    steps, batch_size = (spec.speechclip_steps, spec.batch_size) if variant == "hybrid" else (spec.plus_steps, spec.plus_batch_size)
     model: dict = {"upstream": str(upstream), "clip": str(clip), "variant": variant,
                    "parallel": {"projection_hidden": list(spec.projection_hidden)}}
     shared = {"num_heads": spec.num_heads, "attention": spec.shared_layer, "ffn_dim": spec.ffn_dim}
@@ -71,7 +73,7 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
     return {
         "model": model,
         "data": {"kind": "manifest", "root": str(corpus)},
-        "train": {"batch_size": spec.batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
+        "train": {"batch_size": batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
                   "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, steps // 4),
                   "checkpoint_every_steps": max(1, steps // 4), "num_workers": 0, "cache_dir": str(cache),
                   "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
