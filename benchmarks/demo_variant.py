@@ -3,8 +3,9 @@ speech->image R@1 beside the build's ceiling: how the demo's SpeechCLIP settings
 
 Only the pre-trained-upstream run trains (with all threads), on the build's corpus, encoders and caches,
 into `.cache/demo_variant/<build>-<name>`; the build itself is not touched. A research tool, not part of
-the product. Thread counts change the float rounding, so compare variants with each other, not with the
-build's own table (its runs train with 1 thread each).
+the product. Thread counts change the float rounding: with all threads compare variants with each other,
+not with the build's own table; with `OMP_NUM_THREADS=1` a run rounds as the demo's own runs do (one thread
+each), so its settings' result is the one `speechclip demo` would print, and two such runs fit 2 cores.
 
     python benchmarks/demo_variant.py --run runs/demo-seed2 --name base
     python benchmarks/demo_variant.py --run runs/demo-seed2 --name b128 train.batch_size=128 train.max_steps=2200
