@@ -19,10 +19,10 @@ class DemoSpec:
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     clip: MiniCLIPSpec = field(default_factory=MiniCLIPSpec)
     hubert: MiniHubertSpec = field(default_factory=MiniHubertSpec)
-    # 2,200 steps of 128 clips instead of 4,400 of 64: the same clips seen, in about 0.8x the stage's time
-    # (fewer, larger matmuls), and twice the negatives per contrastive step; on draws 0 and 2 it gave 0.777x
-    # and 0.804x the ceiling against 0.783x and 0.792x (RESULTS.md "demo stages", stop 20). 8,800 steps of 64
-    # were tried too: 0.789x against 0.783x on draw 0, for 1.7x the time.
+    # 2,200 steps of 128 clips instead of 4,400 of 64: the same clips seen, twice the negatives per
+    # contrastive step, fewer and larger matmuls (stage 3 686 s against 710-721 s on 2 cores); over draws
+    # 0-3 see RESULTS.md "demo stages", stop 20. 8,800 steps of 64 were tried too: 0.789x the ceiling against
+    # 0.783x on draw 0, for 1.7x the time.
     speechclip_steps: int = 2200
     batch_size: int = 128
     plus_steps: int = 4400  # hybrid_plus (--plus): the length and batch its figures were measured at (README)
