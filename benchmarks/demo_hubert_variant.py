@@ -20,8 +20,10 @@ from pathlib import Path
 
 import common  # noqa: F401  (the CLI's logging set-up)
 from speechclip.data import read_dataset
+from speechclip.demo.run import pretrain_once
 from speechclip.demo.spec import DemoSpec
 from speechclip.pretrain.mini_hubert import pretrain_mini_hubert
+from speechclip.train.state_cache import state_caches_folder
 
 
 def _link(source: Path, target: Path) -> None:
@@ -50,13 +52,12 @@ def main() -> None:
     for name in ("corpus", "encoders/clip", "results.json"):
         _link(args.run / name, args.out / name)
     for cache in (args.run / "cache").iterdir():
-        if cache.name != "upstream_states":  # image-embedding caches only: the upstream is new
+        if cache != state_caches_folder(args.run / "cache"):  # image-embedding caches only: the upstream is new
             _link(cache, args.out / "cache" / cache.name)
     items = read_dataset("manifest", str(args.out / "corpus"), "train")
     started = time.perf_counter()
-    log = pretrain_mini_hubert([i.audio for i in items], args.out / "encoders" / "hubert", spec, progress=False)
-    log["spec"] = json.loads(json.dumps(dataclasses.asdict(spec)))
-    (args.out / "encoders" / "hubert" / "pretrain.json").write_text(json.dumps(log) + "\n")
+    hubert = args.out / "encoders" / "hubert"  # with the demo's own marker, written by the demo's own code
+    log = pretrain_once(hubert, spec, lambda: pretrain_mini_hubert([i.audio for i in items], hubert, spec, progress=False))
     print(f"{args.out} {' '.join(args.settings)}: masked accuracy {100 * log['masked_accuracy_last']:.1f} %, "
           f"{time.perf_counter() - started:.0f} s")
 

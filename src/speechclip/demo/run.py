@@ -69,7 +69,7 @@ class Stages:
         print(f"[demo] {name}: {self.seconds[name]:.1f} s{memory}", flush=True)
 
 
-def _cached(folder: Path, spec: object, build) -> dict:
+def pretrain_once(folder: Path, spec: object, build) -> dict:
     """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
     marker = folder / "pretrain.json"
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples become lists, as they read back
@@ -127,9 +127,9 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
     encoders = out / "encoders"
     with stage("2a. pre-train mini CLIP"):
         pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
-        clip_log = _cached(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(pairs, encoders / "clip", spec.clip))
+        clip_log = pretrain_once(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(pairs, encoders / "clip", spec.clip))
     with stage("2b. pre-train mini HuBERT"):
-        hubert_log = _cached(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
+        hubert_log = pretrain_once(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
             [i.audio for i in train_items], encoders / "hubert", spec.hubert))
         torch.manual_seed(spec.hubert.seed + 1)
         save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
