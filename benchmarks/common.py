@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from transformers import CLIPConfig, HubertConfig
 
 from speechclip.data import read_dataset
 from speechclip.data.synthetic import CorpusSpec, build_corpus
+from speechclip.demo.spec import DemoSpec
 from speechclip.mini_encoders import save_mini_clip, save_mini_speech, train_clip_tokenizer
 from speechclip.quiet import quiet_libraries
 
@@ -30,6 +32,13 @@ def base_encoders() -> tuple[str, str]:
         tokenizer = train_clip_tokenizer([i.text for i in corpus], vocab_size=2000)
         save_mini_clip(clip, tokenizer, CLIPConfig())  # defaults = openai/clip-vit-base-patch32's architecture
     return str(hubert), str(clip)
+
+
+def demo_build_spec(run: Path) -> DemoSpec:
+    """The DemoSpec a finished `speechclip demo` build was made with, its `--seed` draw read back from the
+    mini HuBERT's marker (pretrain.json), so a variant trains the same draw."""
+    seed = json.loads((run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
+    return DemoSpec().seeded(seed - DemoSpec().hubert.seed)
 
 
 def corpus_dir() -> str:

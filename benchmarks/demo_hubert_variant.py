@@ -18,10 +18,9 @@ import os
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (the CLI's logging set-up)
+from common import demo_build_spec  # (and the CLI's logging set-up)
 from speechclip.data import read_dataset
 from speechclip.demo.run import pretrain_once
-from speechclip.demo.spec import DemoSpec
 from speechclip.pretrain.mini_hubert import pretrain_mini_hubert
 from speechclip.train.state_cache import state_caches_folder
 
@@ -37,8 +36,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the new build folder")
     parser.add_argument("settings", nargs="*", help="MiniHubertSpec fields, e.g. steps=4000")
     args = parser.parse_args()
-    seed = json.loads((args.run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
-    spec = DemoSpec().seeded(seed - DemoSpec().hubert.seed).hubert
+    spec = demo_build_spec(args.run).hubert
     fields = {f.name: f for f in dataclasses.fields(spec)}
     changes = {}
     for setting in args.settings:

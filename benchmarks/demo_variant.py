@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-import common  # noqa: F401  (the CLI's logging set-up)
+from common import demo_build_spec  # (and the CLI's logging set-up)
 from speechclip.data import read_dataset
 from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
 from speechclip.train.config import apply_overrides, run_config_from_dict
-from speechclip.demo.spec import DemoSpec, speechclip_config
+from speechclip.demo.spec import speechclip_config
 from speechclip.train.run import fit
 
 
@@ -37,8 +37,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("overrides", nargs="*", help="run settings as in `speechclip train --set`, e.g. train.batch_size=128")
     args = parser.parse_args()
-    seed = json.loads((args.run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
-    spec = DemoSpec().seeded(seed - DemoSpec().hubert.seed)
+    spec = demo_build_spec(args.run)
     values = speechclip_config(spec, args.run / "encoders" / "hubert", args.run / "encoders" / "clip",
                                 args.run / "corpus", args.run / "cache")
     out = Path(".cache/demo_variant") / f"{args.run.name}-{args.name}"
