@@ -117,6 +117,33 @@ class CrashAt(Callback):
             raise Crash()
 
 
+class CrashAfterCheckpointWrite(Callback):
+    """Stops a run where a kill once lost a metrics row: after the checkpoint of step `step` was written,
+    before Lightning logged that step's row (later callbacks' `on_train_batch_end` run in that gap)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash()
+
+
+def test_crash_between_checkpoint_write_and_metrics_row_loses_no_row(encoders, tiny_corpus, tmp_path):
+    """The checkpoint of a training step reaches last.ckpt only once the step's row is logged: a run stopped
+    in between resumes from the checkpoint before, runs the step again, and logs every row once."""
+    values = resume_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=6, val_every_steps=5,
+                           checkpoint_every_steps=2)
+    straight = fit(run_config_from_dict(values), tmp_path / "straight", progress=False)
+    with pytest.raises(Crash):
+        fit(run_config_from_dict(values), tmp_path / "split", progress=False, callbacks=[CrashAfterCheckpointWrite(4)])
+    assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = fit(run_config_from_dict(values), tmp_path / "split", resume=True, progress=False)
+    assert resumed["start_step"] == 2 and resumed["global_step"] == straight["global_step"] == 6
+    _same_weights(tmp_path / "straight" / "final", tmp_path / "split" / "final")
+    assert _rows(tmp_path / "split" / "logs" / "metrics.csv") == _rows(tmp_path / "straight" / "logs" / "metrics.csv")
+
+
 def test_crashed_run_resumed_in_process_matches_the_straight_one(encoders, tiny_corpus, tmp_path):
     """A run crashed after step 3 and resumed to 6 equals 6 straight: the waveform path (crops drawn per
     clip from the sampler's seeds), dropout and the schedule continue."""

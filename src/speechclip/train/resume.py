@@ -24,10 +24,17 @@ from lightning.pytorch.utilities import rank_zero_only
 class RunCheckpoint(Callback):
     """checkpoints/last.ckpt every `every` steps and at the last step; on a validation step only after the
     validation, so the checkpoint records that validation's best (and a resume neither skips nor repeats
-    it). Written to a temporary file and renamed: a kill never leaves a torn checkpoint."""
+    it). Written to a temporary file and renamed: a kill never leaves a torn checkpoint.
+
+    A training step's checkpoint must capture the state at the end of the step (`on_train_batch_end`), but
+    Lightning hands that step's metrics row to the loggers only after the hook; a checkpoint renamed in
+    place at once would let a kill in between lose the row for good (the resume does not run the step
+    again). So it is written then and renamed at the next hook, once the row is on disk."""
 
     def __init__(self, path: Path, every: int, val_every: int, max_steps: int):
         self.path, self.every, self.val_every, self.max_steps = Path(path), every, val_every, max_steps
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._written = False  # the temporary file holds a checkpoint not yet renamed into place
 
     def _due(self, step: int) -> bool:
         return step % self.every == 0 or step >= self.max_steps
@@ -35,18 +42,35 @@ class RunCheckpoint(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if self._due(step) and step % self.val_every != 0:
-            self.save(trainer)
+            self.write(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit" and self._due(trainer.global_step):
-            self.save(trainer)
+            self.write(trainer)  # the validation's row is logged before this hook
+            self.commit(trainer)
 
-    def save(self, trainer: L.Trainer) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, loops, callbacks
-        if trainer.is_global_zero:
-            os.replace(tmp, self.path)
-        trainer.strategy.barrier("RunCheckpoint.save")
+    # The first hooks after Lightning logged the row of the step the checkpoint was written at.
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.commit(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.commit(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.commit(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.commit(trainer)
+
+    def write(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.tmp, weights_only=False)  # the full state: optimiser, loops, callbacks
+        self._written = True
+        trainer.strategy.barrier("RunCheckpoint.write")
+
+    def commit(self, trainer: L.Trainer) -> None:
+        if self._written and trainer.is_global_zero:
+            os.replace(self.tmp, self.path)
+        self._written = False
 
 
 def capture_rng() -> dict:
