@@ -59,10 +59,6 @@ class MiniHubertSpec:
     dropout: float = 0.0  # a few minutes of training under-fit: dropout only slows it (and bernoulli costs 13% of a CPU step)
     bf16: bool = True  # bf16 autocast where the CPU computes bf16 natively (precision.py)
     seed: int = 0
-    # HuBERT's second iteration: the last `iteration2_steps` of `steps` predict k-means ids of the model's own
-    # layer `iteration2_layer` (hidden_states index) instead of MFCC clusters, with a new head (0: one iteration)
-    iteration2_steps: int = 0
-    iteration2_layer: int = 2
 
     @property
     def stride(self) -> int:
@@ -157,16 +153,11 @@ class ClipBank:
 
 def cluster_labels(bank: ClipBank, spec: MiniHubertSpec) -> list[torch.Tensor]:
     """k-means (faiss) on standardised stacked MFCC frames -> a cluster id per model frame of every clip."""
+    import faiss
+
     mfcc = MFCC()
     with one_thread():  # tiny per-clip ops: a second OpenMP thread made each clip 100x slower on a busy 2-core CPU
         features = [frame_features(mfcc(bank.wave(row)), int(bank.lengths[row]), spec) for row in range(len(bank))]
-    return cluster_labels_of(features, spec)
-
-
-def cluster_labels_of(features: list[torch.Tensor], spec: MiniHubertSpec) -> list[torch.Tensor]:
-    """k-means (faiss) on standardised frame vectors, a (T, D) tensor per clip -> a cluster id per frame."""
-    import faiss
-
     counts = [len(f) for f in features]
     data = torch.cat(features).numpy()
     del features
@@ -206,31 +197,14 @@ def pretrain_mini_hubert(clips: Sequence[str | Path | torch.Tensor], out: str | 
     config = hubert_config(spec)
     bf16 = spec.bf16 and cpu_has_fast_bf16()
     model = AutoModel.from_config(config, attn_implementation=attention_kernel(bf16)).train()
-    batches = _Batches(bank, labels, spec)
-    first = spec.steps - spec.iteration2_steps
-    losses, accuracies = _train(model, batches, first, spec, bf16, progress, "mini HuBERT")
-    if spec.iteration2_steps:
-        batches.labels = cluster_labels_of(_layer_features(model, bank, spec), spec)
-        more = _train(model, batches, spec.iteration2_steps, spec, bf16, progress, "mini HuBERT, iteration 2")
-        losses, accuracies = losses + more[0], accuracies + more[1]
-    save_mini_speech(out, config, model.eval())
-    tail = min(50, len(losses))
-    return {"steps": spec.steps, "clips": len(bank), "loss_first": losses[0], "loss_last": sum(losses[-tail:]) / tail,
-            "masked_accuracy_last": sum(accuracies[-tail:]) / tail, "chance_accuracy": 1 / spec.clusters,
-            "bf16": bf16, "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
-
-
-def _train(model: HubertModel, batches: "_Batches", steps: int, spec: MiniHubertSpec, bf16: bool, progress: bool,
-           desc: str) -> tuple[list[float], list[float]]:
-    """`steps` masked-prediction steps with a new prediction head, AdamW, warm-up then cosine decay."""
-    model.train()
     head = torch.nn.Linear(spec.width, spec.clusters)
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps))))
+    warmup = max(1, spec.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / spec.steps))))
+    batches = _Batches(bank, labels, spec)
     losses, accuracies = [], []
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, unit="step"):
+    for _ in tqdm(range(spec.steps), desc="mini HuBERT", disable=not progress, unit="step"):
         waves, targets = batches.next()
         with cpu_autocast(bf16):
             loss, accuracy = _step(model, head, waves, targets, spec)
@@ -241,16 +215,11 @@ def _train(model: HubertModel, batches: "_Batches", steps: int, spec: MiniHubert
         schedule.step()
         losses.append(float(loss.detach()))
         accuracies.append(accuracy)
-    return losses, accuracies
-
-
-@torch.inference_mode()
-def _layer_features(model: HubertModel, bank: ClipBank, spec: MiniHubertSpec) -> list[torch.Tensor]:
-    """Every clip's frames at layer `iteration2_layer` of the model trained so far (the second iteration's
-    k-means input), one clip at a time (no padding)."""
-    model.eval()
-    return [model(bank.wave(row)[None], output_hidden_states=True).hidden_states[spec.iteration2_layer][0].float()
-            for row in range(len(bank))]
+    save_mini_speech(out, config, model.eval())
+    tail = min(50, len(losses))
+    return {"steps": spec.steps, "clips": len(bank), "loss_first": losses[0], "loss_last": sum(losses[-tail:]) / tail,
+            "masked_accuracy_last": sum(accuracies[-tail:]) / tail, "chance_accuracy": 1 / spec.clusters,
+            "bf16": bf16, "losses": losses, "seconds": round(time.perf_counter() - started, 1)}
 
 
 class _Batches:
