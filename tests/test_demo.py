@@ -24,6 +24,10 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         images = results[name]["images"]
         assert results[name]["parallel"]["speech_to_image"]["chance"]["1"] == pytest.approx(1 / images)
     _check_keywords(tmp_path, results)
+    folds = results["test_folds"]  # the check's ratio pools the table's split and the extra fold
+    assert folds["folds"] == 2 and folds["speech_to_image_r1"][0] == results["pretrained"]["parallel"]["speech_to_image"]["recall"]["1"]
+    assert folds["ratio"] == pytest.approx(sum(folds["speech_to_image_r1"]) / sum(folds["ceiling_r1"]))
+    assert "over 2 test folds" in printed and "per fold:" in printed
     hubert = results["pretraining"]["hubert"]  # masked prediction starts near a uniform guess over the clusters
     assert abs(hubert["loss_first"] - math.log(1 / hubert["chance_accuracy"])) < 1.0
     peaks = results["stage_peak_memory_mib"]  # the whole tree: torch alone is over 100 MiB

@@ -48,6 +48,25 @@ def test_build_corpus_splits_by_image_and_speaker(tmp_path):
     assert item.text and item.image.is_file()
 
 
+def test_extra_test_folds_leave_the_other_splits_as_they_were(tmp_path):
+    """Folds come from a stream of their own: adding them keeps train/val/test byte for byte, and each fold
+    has the test split's size, unseen images (scenes and unused clip-art) and the held-out speakers."""
+    from dataclasses import replace
+
+    build_corpus(tmp_path / "one", SPEC, progress=False)
+    summary = build_corpus(tmp_path / "three", replace(SPEC, test_folds=3), progress=False)
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "one" / f"{split}.jsonl").read_text() == (tmp_path / "three" / f"{split}.jsonl").read_text()
+    splits = {s: read_dataset("manifest", str(tmp_path / "three"), s) for s in ("train", "val", "test", "test_fold1", "test_fold2")}
+    images = {s: {i.image_id for i in items} for s, items in splits.items()}
+    sources = {s: {i.image.name.rsplit("_", 1)[1] for i in items} for s, items in splits.items()}  # content hashes
+    for fold in ("test_fold1", "test_fold2"):
+        assert len(images[fold]) == SPEC.test_images and len(splits[fold]) == SPEC.test_images * SPEC.captions_per_image
+        assert all(not images[fold] & images[s] and not sources[fold] & sources[s] for s in splits if s != fold)
+        assert not {i.speaker for i in splits[fold]} & {i.speaker for i in splits["train"]}
+    assert summary["splits"]["test_fold2"] == {"images": SPEC.test_images, "captions": SPEC.test_images * SPEC.captions_per_image}
+
+
 def test_build_is_deterministic_and_reuses_files(tmp_path):
     first = build_corpus(tmp_path / "a", SPEC, progress=False)
     second = build_corpus(tmp_path / "b", SPEC, progress=False)

@@ -42,6 +42,10 @@ class CorpusSpec:
     train_voices: int = 3
     val_images: int = 100
     test_images: int = 200
+    # More test sets of `test_images` unseen images each (splits test_fold1, ...), drawn from a stream of their
+    # own so the other splits stay as they are: one split of 200 images measures the demo's quality ratio only to
+    # a standard error of about 0.04 (benchmarks/demo_test_noise.py); the mean over folds to 0.04 / sqrt(folds)
+    test_folds: int = 1
     held_out_speaker_fraction: float = 0.2  # speakers reserved for val/test, never heard in training
     image_size: int = 64
     seed: int = 0
@@ -49,6 +53,17 @@ class CorpusSpec:
     def __post_init__(self):
         if self.train_voices < 1:
             raise ValueError(f"train_voices: at least 1 speaker per training caption, got {self.train_voices}")
+        if self.test_folds < 1:
+            raise ValueError(f"test_folds: at least 1 (the test split itself), got {self.test_folds}")
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + tuple(test_fold_split(k) for k in range(1, self.test_folds))
+
+
+def test_fold_split(fold: int) -> str:
+    """The manifest split of extra test fold `fold` (fold 0 is `test`)."""
+    return "test" if fold == 0 else f"test_fold{fold}"
 
 
 @dataclass
@@ -101,10 +116,9 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
 def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
     rng = random.Random(spec.seed)
     sources: list[tuple[str, object]] = [(f"scene_{i:05d}", random_scene(rng)) for i in range(spec.num_scenes)]
-    if spec.num_clipart:
-        drawings = find_drawings()
-        chosen = rng.sample(drawings, min(spec.num_clipart, len(drawings)))
-        sources += [(f"clipart_{i:05d}", d) for i, d in enumerate(chosen)]
+    drawings = find_drawings() if spec.num_clipart else []
+    chosen = rng.sample(drawings, min(spec.num_clipart, len(drawings))) if drawings else []
+    sources += [(f"clipart_{i:05d}", d) for i, d in enumerate(chosen)]
     rng.shuffle(sources)
     speakers = all_speakers()
     rng.shuffle(speakers)
@@ -123,6 +137,30 @@ def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
         clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name)) for n, t, s in caps]
         image = _named(out / "images", image_id, ".png", source, spec.image_size)
         jobs.append(_Job(image_id, image, source, clips, split))
+    used = {d.svg for d in chosen}
+    spare = [d for d in drawings if d.svg not in used]
+    return jobs + _fold_jobs(out, spec, spare, pools["test"])
+
+
+def _fold_jobs(out: Path, spec: CorpusSpec, spare_drawings: list, speakers: list[Speaker]) -> list[_Job]:
+    """The extra test folds, from their own random stream: as many images as the test split each, scenes and
+    clip-art (drawings no other split uses) in the corpus's proportion, captions by the test speakers."""
+    rng = random.Random(spec.seed + 2)
+    clipart_share = spec.num_clipart / max(1, spec.num_scenes + spec.num_clipart) if spare_drawings else 0.0
+    spare = rng.sample(spare_drawings, len(spare_drawings))
+    jobs = []
+    for fold in range(1, spec.test_folds):
+        for index in range(spec.test_images):
+            if spare and rng.random() < clipart_share:
+                image_id, source = f"clipart_f{fold}_{index:05d}", spare.pop()
+                texts = clipart_captions(source, rng, spec.captions_per_image)
+            else:
+                image_id, source = f"scene_f{fold}_{index:05d}", random_scene(rng)
+                texts = scene_captions(source, rng, spec.captions_per_image)
+            clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name))
+                     for n, t, s in ((n, t, rng.choice(speakers)) for n, t in enumerate(texts))]
+            jobs.append(_Job(image_id, _named(out / "images", image_id, ".png", source, spec.image_size), source, clips,
+                             test_fold_split(fold)))
     return jobs
 
 
@@ -158,8 +196,8 @@ def _make_speech(caption: tuple[str, Speaker, Path]) -> None:
 
 
 def _write(out: Path, jobs: list[_Job], spec: CorpusSpec, seconds: float) -> dict:
-    counts, hours, speakers = {}, 0.0, {s: set() for s in SPLITS}
-    for split in SPLITS:
+    counts, hours, speakers = {}, 0.0, {s: set() for s in spec.splits}
+    for split in spec.splits:
         items = [SpokenCaption(audio=p, image=j.image, image_id=j.image_id, text=t, speaker=s.name)
                  for j in jobs if j.split == split for t, s, p in j.captions]
         write_manifest(items, out / f"{split}.jsonl")
