@@ -20,6 +20,7 @@ from speechclip.train.config import load_run_config, run_config_from_dict
 from speechclip.train.datamodule import LengthGroupedBatchSampler
 from speechclip.train.resume import capture_rng, metrics_history, restore_rng
 from speechclip.train.run import fit
+from speechclip.train.system import SpeechCLIPSystem
 
 CLI = [sys.executable, "-m", "speechclip.cli"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores: oversubscription is 5-10x slower
@@ -117,26 +118,22 @@ class CrashAt(Callback):
             raise Crash()
 
 
-class CrashAfterCheckpointWrite(Callback):
-    """Stops a run where a kill once lost a metrics row: after the checkpoint of step `step` was written,
-    before Lightning logged that step's row (later callbacks' `on_train_batch_end` run in that gap)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Crash()
-
-
-def test_crash_between_checkpoint_write_and_metrics_row_loses_no_row(encoders, tiny_corpus, tmp_path):
+def test_crash_between_checkpoint_write_and_metrics_row_loses_no_row(encoders, tiny_corpus, tmp_path, monkeypatch):
     """The checkpoint of a training step reaches last.ckpt only once the step's row is logged: a run stopped
-    in between resumes from the checkpoint before, runs the step again, and logs every row once."""
+    in between (the module's on_train_batch_end runs after every callback's, before Lightning logs the row)
+    resumes from the checkpoint before, runs the step again, and logs every row once."""
     values = resume_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=6, val_every_steps=5,
                            checkpoint_every_steps=2)
     straight = fit(run_config_from_dict(values), tmp_path / "straight", progress=False)
-    with pytest.raises(Crash):
-        fit(run_config_from_dict(values), tmp_path / "split", progress=False, callbacks=[CrashAfterCheckpointWrite(4)])
+
+    def crash_at_step_4(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            raise Crash()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SpeechCLIPSystem, "on_train_batch_end", crash_at_step_4, raising=False)
+        with pytest.raises(Crash):
+            fit(run_config_from_dict(values), tmp_path / "split", progress=False)
     assert torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     resumed = fit(run_config_from_dict(values), tmp_path / "split", resume=True, progress=False)
     assert resumed["start_step"] == 2 and resumed["global_step"] == straight["global_step"] == 6

@@ -29,12 +29,14 @@ class RunCheckpoint(Callback):
     A training step's checkpoint must capture the state at the end of the step (`on_train_batch_end`), but
     Lightning hands that step's metrics row to the loggers only after the hook; a checkpoint renamed in
     place at once would let a kill in between lose the row for good (the resume does not run the step
-    again). So it is written then and renamed at the next hook, once the row is on disk."""
+    again). So it is written then and renamed at the next hook, once the row is on disk, or, when the run
+    stops with an exception (a crash, SIGTERM, Ctrl-C), as it stops if the row was logged by then."""
 
     def __init__(self, path: Path, every: int, val_every: int, max_steps: int):
         self.path, self.every, self.val_every, self.max_steps = Path(path), every, val_every, max_steps
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self._written = False  # the temporary file holds a checkpoint not yet renamed into place
+        self._stepped_at: int | None = None  # Lightning's count of logged optimiser steps when it was written
 
     def _due(self, step: int) -> bool:
         return step % self.every == 0 or step >= self.max_steps
@@ -62,15 +64,25 @@ class RunCheckpoint(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.commit(trainer)
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        stepped = _steps_logged(trainer)
+        if stepped is not None and self._stepped_at is not None and stepped > self._stepped_at:
+            self.commit(trainer)  # the row of the step it was written at is logged: keep the progress
+
     def write(self, trainer: L.Trainer) -> None:
         trainer.save_checkpoint(self.tmp, weights_only=False)  # the full state: optimiser, loops, callbacks
-        self._written = True
-        trainer.strategy.barrier("RunCheckpoint.write")
+        self._written, self._stepped_at = True, _steps_logged(trainer)
 
     def commit(self, trainer: L.Trainer) -> None:
         if self._written and trainer.is_global_zero:
             os.replace(self.tmp, self.path)
         self._written = False
+
+
+def _steps_logged(trainer: L.Trainer) -> int | None:
+    """Lightning's count of optimiser steps whose training row was handed to the loggers (it grows just after
+    the row is logged); None where a Lightning version lacks it (a pending checkpoint then waits for a hook)."""
+    return getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
 
 
 def capture_rng() -> dict:

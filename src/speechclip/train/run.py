@@ -46,9 +46,8 @@ def keyword_vocab(model_clip, captions: list[str], size: int | None) -> list[int
 
 def _trainer(config: RunConfig, run_dir: Path, progress: bool, extra_callbacks: Sequence[Callback], history: list[dict]) -> L.Trainer:
     train = config.train
-    # Ours first: a pending checkpoint is renamed into place before a later callback can stop the run.
-    callbacks = [RNGState(), RunCheckpoint(run_dir / "checkpoints" / "last.ckpt", train.checkpoint_every_steps,
-                                           train.val_every_steps, train.max_steps), *extra_callbacks]
+    callbacks = [*extra_callbacks, RNGState(),  # last: the checkpoint holds the caller's callbacks' state of the step
+                 RunCheckpoint(run_dir / "checkpoints" / "last.ckpt", train.checkpoint_every_steps, train.val_every_steps, train.max_steps)]
     loggers = [RunCSVLogger(run_dir / "logs", history)]
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
