@@ -1,5 +1,7 @@
 import json
+import os
 import random
+import shutil
 
 import soundfile
 from PIL import Image
@@ -65,6 +67,15 @@ def test_extra_test_folds_leave_the_other_splits_as_they_were(tmp_path):
         assert all(not images[fold] & images[s] and not sources[fold] & sources[s] for s in splits if s != fold)
         assert not {i.speaker for i in splits[fold]} & {i.speaker for i in splits["train"]}
     assert summary["splits"]["test_fold2"] == {"images": SPEC.test_images, "captions": SPEC.test_images * SPEC.captions_per_image}
+    # a copy made with hard links keeps its own summary when the original is rebuilt with more folds, and a
+    # summary whose manifests are missing is not trusted
+    linked = tmp_path / "linked"
+    shutil.copytree(tmp_path / "one", linked, copy_function=os.link)
+    build_corpus(tmp_path / "one", replace(SPEC, test_folds=2), progress=False)
+    assert json.loads((linked / "corpus.json").read_text())["spec"]["test_folds"] == 1
+    (tmp_path / "three" / "test_fold2.jsonl").unlink()
+    build_corpus(tmp_path / "three", replace(SPEC, test_folds=3), progress=False)
+    assert len(read_dataset("manifest", str(tmp_path / "three"), "test_fold2")) == SPEC.test_images * SPEC.captions_per_image
 
 
 def test_build_is_deterministic_and_reuses_files(tmp_path):

@@ -89,7 +89,7 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
     summary_path = out / "corpus.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary.get("spec") == asdict(spec):
+        if summary.get("spec") == asdict(spec) and all((out / f"{split}.jsonl").is_file() for split in spec.splits):
             return summary
     started = time.perf_counter()
     jobs = _plan(out, spec)
@@ -109,7 +109,10 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
             stale.unlink()
     summary = _write(out, jobs, spec, time.perf_counter() - started)
     summary["skipped_drawings"] = skipped
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    # a new file, not the old one rewritten: a corpus copied with hard links (cp -al) keeps its own summary
+    tmp = summary_path.with_name(".corpus.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, summary_path)
     return summary
 
 
