@@ -1,7 +1,13 @@
 """The on-disk image-embedding cache: computed once, and consistent when processes share its folder."""
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
+from PIL import Image
 from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPModel
 
 from speechclip.clip import FrozenCLIP
 from speechclip.data import image_table, read_dataset
@@ -35,3 +41,32 @@ def test_a_cache_without_keys_is_rebuilt(encoders, tiny_corpus, tmp_path):
     rebuilt = ImageEmbeddingCache(tmp_path, clip)
     torch.testing.assert_close(rebuilt.embeddings(paths), expected)
     assert rebuilt.images_embedded == 4
+
+
+def test_a_clip_written_again_under_the_same_folder_gets_new_embeddings(encoders, tiny_corpus, tmp_path):
+    """The demo pre-trains its mini CLIP again in place for another --seed: embeddings of the old weights must
+    not be served for the new ones."""
+    folder = tmp_path / "clip"
+    shutil.copytree(encoders["clip"], folder)
+    paths = _images(tiny_corpus)[:4]
+    old = ImageEmbeddingCache(tmp_path / "cache", FrozenCLIP(str(folder))).embeddings(paths)
+    torch.manual_seed(123)
+    config = CLIPConfig.from_pretrained(folder)
+    CLIPModel(config).save_pretrained(folder)
+    clip = FrozenCLIP(str(folder))
+    cache = ImageEmbeddingCache(tmp_path / "cache", clip)
+    new = cache.embeddings(paths)
+    reference = clip.model.get_image_features(
+        pixel_values=clip.preprocess_images([Image.open(p) for p in paths])).pooler_output
+    torch.testing.assert_close(new, reference)
+    assert not torch.allclose(new, old)
+    assert cache.images_embedded == 4
+
+
+def test_two_spellings_of_one_clip_folder_share_the_cache(encoders, tiny_corpus, tmp_path, monkeypatch):
+    paths = _images(tiny_corpus)[:4]
+    ImageEmbeddingCache(tmp_path, FrozenCLIP(encoders["clip"])).embeddings(paths)
+    monkeypatch.chdir(Path(encoders["clip"]).parent)
+    other = ImageEmbeddingCache(tmp_path, FrozenCLIP(os.path.join(".", Path(encoders["clip"]).name, "")))
+    other.embeddings(paths)
+    assert other.images_embedded == 0

@@ -1,7 +1,8 @@
 """Frozen CLIP image embeddings, computed once per image and kept on disk.
 
 The image tower is frozen, so an image's embedding never changes for a given CLIP: every epoch,
-validation and evaluation reads it from here. Keyed by CLIP model and by image (path, size, mtime),
+validation and evaluation reads it from here. Keyed by CLIP model (its files and a sample of its weights,
+not its name: a folder can be pre-trained again in place) and by image (path, size, mtime),
 so an edited image is embedded again. The keys travel in the safetensors metadata and the file is
 replaced atomically, so processes sharing a cache folder (the demo's two runs) never read a torn one.
 """
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .clip import FrozenCLIP
+from .fingerprint import folder_files, update_with_weights
 from .images import load_image
 
 
@@ -28,10 +30,20 @@ def _image_key(path: Path) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def clip_slug(clip: FrozenCLIP) -> str:
+    """The cache's sub-folder for one CLIP: the same for every spelling of a folder's path, another as soon
+    as the weights differ (a folder written again, another hub model)."""
+    digest = hashlib.sha256()
+    local = Path(clip.name_or_path).is_dir()
+    identity = {"hub_id": None if local else str(clip.name_or_path), "files": folder_files(clip.name_or_path)}
+    digest.update(json.dumps(identity, sort_keys=True).encode())
+    update_with_weights(digest, clip.model)
+    return digest.hexdigest()[:16]
+
+
 class ImageEmbeddingCache:
     def __init__(self, folder: str | Path, clip: FrozenCLIP, batch_size: int = 64):
-        slug = hashlib.sha1(str(clip.name_or_path).encode()).hexdigest()[:16]
-        self.folder = Path(folder) / slug
+        self.folder = Path(folder) / clip_slug(clip)
         self.clip = clip
         self.batch_size = batch_size
         self.images_embedded = 0  # how many images went through the CLIP tower (tests and benchmarks read it)

@@ -137,9 +137,7 @@ def _plan(out: Path, spec: CorpusSpec) -> list[_Job]:
         if split == "train":  # extra voices from their own stream: the rest of the plan is as with one voice
             for n, text, first in caps[: len(texts)]:
                 caps += [(n, text, s) for s in _other_speakers(voice_rng, pools["train"], first, spec.train_voices - 1)]
-        clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name)) for n, t, s in caps]
-        image = _named(out / "images", image_id, ".png", source, spec.image_size)
-        jobs.append(_Job(image_id, image, source, clips, split))
+        jobs.append(_job(out, image_id, source, caps, split, spec.image_size))
     used = {d.svg for d in chosen}
     spare = [d for d in drawings if d.svg not in used]
     return jobs + _fold_jobs(out, spec, spare, pools["test"])
@@ -160,11 +158,17 @@ def _fold_jobs(out: Path, spec: CorpusSpec, spare_drawings: list, speakers: list
             else:
                 image_id, source = f"scene_f{fold}_{index:05d}", random_scene(rng)
                 texts = scene_captions(source, rng, spec.captions_per_image)
-            clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name))
-                     for n, t, s in ((n, t, rng.choice(speakers)) for n, t in enumerate(texts))]
-            jobs.append(_Job(image_id, _named(out / "images", image_id, ".png", source, spec.image_size), source, clips,
-                             test_fold_split(fold)))
+            caps = [(n, t, rng.choice(speakers)) for n, t in enumerate(texts)]
+            jobs.append(_job(out, image_id, source, caps, test_fold_split(fold), spec.image_size))
     return jobs
+
+
+def _job(out: Path, image_id: str, source: object, captions: list[tuple[int, str, Speaker]], split: str,
+         image_size: int) -> _Job:
+    """An image and its spoken captions, every file named by a digest of what it holds, so a changed spec
+    makes again only the files it changes."""
+    clips = [(t, s, _named(out / "audio", f"{image_id}_{n}", ".wav", t, s.name)) for n, t, s in captions]
+    return _Job(image_id, _named(out / "images", image_id, ".png", source, image_size), source, clips, split)
 
 
 def _named(folder: Path, stem: str, suffix: str, *content: object) -> Path:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..audio import AudioError, load_audio, pad_batch
 from ..data import SpokenCaption
+from ..fingerprint import folder_files, update_with_weights
 from ..upstream import SpeechUpstream
 
 
@@ -130,15 +131,11 @@ def cache_key(upstream: SpeechUpstream, items: Sequence[SpokenCaption], precisio
     """A key that changes with the upstream (name, files, a weight sample, settings), the precision the
     states were computed in, and each clip (path, size, modification time)."""
     digest = hashlib.sha256()
-    source = Path(upstream.name_or_path)
-    files = sorted(source.rglob("*")) if source.is_dir() else []
     inputs = {"layout": 2, "upstream": str(upstream.name_or_path), "precision": precision,
               "normalize_waveform": bool(upstream.normalize_waveform), "final_norm": bool(getattr(upstream, "final_norm", False)),
-              "upstream_files": [[str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
+              "upstream_files": folder_files(upstream.name_or_path)}
     digest.update(json.dumps(inputs, sort_keys=True).encode())
-    parameters = list(upstream.model.parameters())
-    for parameter in parameters[:: max(1, len(parameters) // 8)]:
-        digest.update(parameter.detach().float().cpu().numpy().tobytes()[:4096])
+    update_with_weights(digest, upstream.model)
     for item in items:
         stat = os.stat(item.audio)
         digest.update(f"{item.audio}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
