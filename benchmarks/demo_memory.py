@@ -60,7 +60,7 @@ def main() -> None:
     seconds = time.perf_counter() - started
     peak = {k: max((s[k] for s in stages.values()), default=0) for k in ("rss", "pss", "processes", "page_cache")}
     print(f"\nprocess-tree memory of: {' '.join(command)}  (exit {child.returncode}, {seconds:.0f} s wall)")
-    print(f"| stage | peak sum RSS MiB | peak sum PSS MiB | processes | page cache MiB (machine) |")
+    print("| stage | peak sum RSS MiB | peak sum PSS MiB | processes | page cache MiB (machine) |")
     print("|---|---|---|---|---|")
     for name, row in stages.items():
         print(f"| {name[:70]} | {row['rss'] / MiB:.0f} | {row['pss'] / MiB:.0f} | {row['processes']} | {row['page_cache'] / MiB:.0f} |")

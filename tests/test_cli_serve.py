@@ -43,6 +43,22 @@ def test_cli_reports_bad_input_plainly(checkpoint, tmp_path, capsys):
     assert "nope.wav: no such audio file" in capsys.readouterr().err
 
 
+def test_embed_into_a_folder_of_another_checkpoint_says_so_in_one_line(checkpoint, encoders, tiny_corpus, tmp_path, capsys,
+                                                                       monkeypatch):
+    manifest, out = f"{tiny_corpus}/test.jsonl", str(tmp_path / "emb")
+    main(["embed", "--checkpoint", str(checkpoint), "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
+    monkeypatch.chdir(checkpoint.parent)  # the same checkpoint by another path: one model, its shards reused
+    main(["embed", "--checkpoint", f"./{checkpoint.name}/", "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
+    torch.manual_seed(1)
+    other = SpeechCLIP(tiny_model_config(encoders, "hybrid")).save_pretrained(tmp_path / "other")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["embed", "--checkpoint", str(other), "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json: lists the embeddings of another model" in err
+
+
 def test_serve_without_the_demo_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no runs/demo here
     with pytest.raises(SystemExit) as stop:

@@ -96,3 +96,22 @@ def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tin
         torch.set_num_threads(threads)
     assert "[demo] broken: failed" in capsys.readouterr().out
     assert (tmp_path / "good" / "final" / "model.safetensors").is_file() and (tmp_path / "good" / "demo_run.json").is_file()
+
+
+def test_a_pretraining_marker_cut_short_means_build_again(tmp_path):
+    """pretrain.json says "this encoder is finished"; one left torn by an older build must not stop the demo."""
+    from dataclasses import dataclass
+
+    from speechclip.demo.run import pretrain_once
+
+    @dataclass
+    class Spec:
+        steps: int = 3
+
+    builds = []
+    build = lambda: builds.append(1) or {"steps": 3}  # noqa: E731
+    (tmp_path / "pretrain.json").write_text('{"spec": {"ste')
+    assert pretrain_once(tmp_path, Spec(), build)["reused"] is False and len(builds) == 1
+    assert pretrain_once(tmp_path, Spec(), build)["reused"] is True and len(builds) == 1
+    assert pretrain_once(tmp_path, Spec(steps=4), build)["reused"] is False and len(builds) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["pretrain.json"]

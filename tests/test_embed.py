@@ -89,6 +89,32 @@ def test_a_shard_from_other_inputs_is_refused(model, items, tmp_path):
         embed_collection(model, items[1:7], tmp_path, what=["speech"], batch_size=4, shard_size=5)
 
 
+@pytest.mark.parametrize("runner", ["embed_collection", "run_embed_job"])
+def test_a_rerun_with_another_checkpoint_is_refused_not_mixed(model, encoders, items, tmp_path, runner):
+    """Resuming an interrupted export with other heads (or encoders) would leave two models' embeddings
+    in one folder: the finished shards and the manifest are refused, naming the file."""
+    from speechclip.train.embed_job import run_embed_job
+
+    run = (lambda m, out: embed_collection(m, items, out, what=["speech"], batch_size=4, shard_size=5)) if runner == "embed_collection" \
+        else (lambda m, out: run_embed_job(m, items, out, what=["speech"], batch_size=4, shard_size=5, accelerator="cpu", devices=1))
+    run(model, tmp_path)
+    other = SpeechCLIP(tiny_model_config(encoders, "parallel")).eval()
+    other.load_trainable(model.trainable_state_dict())
+    run(other, tmp_path)  # the same weights: every shard is reused
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.requires_grad).add_(1e-3)  # a training step later
+    with pytest.raises(ValueError, match=r"manifest.json: lists the embeddings of another model \(fingerprint [0-9a-f]{12}; this one is"):
+        run(other, tmp_path)
+    (tmp_path / MANIFEST).unlink()  # interrupted before the manifest: the shards themselves say whose they are
+    with pytest.raises(ValueError, match=r"speech-00000.safetensors: holds the embeddings of another model"):
+        run(other, tmp_path)
+    assert read_manifest_or_none(tmp_path) is None and len(list(tmp_path.glob("speech-*.safetensors"))) == (len(items) + 4) // 5
+
+
+def read_manifest_or_none(folder):
+    return read_manifest(folder) if (folder / MANIFEST).is_file() else None
+
+
 def test_legacy_single_file_still_reads(tmp_path):
     vectors = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
     save_file({"embeddings": vectors}, str(tmp_path / "image.safetensors"))

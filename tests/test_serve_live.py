@@ -16,7 +16,6 @@ import io
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys

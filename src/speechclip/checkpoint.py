@@ -9,7 +9,6 @@ shape would otherwise load without a word). Writing replaces each file atomicall
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from .config import ConfigError, SpeechCLIPConfig
 
@@ -30,19 +28,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 class CheckpointError(ValueError):
     """A checkpoint folder cannot be used as it is; the message starts with the file."""
-
-
-def fingerprint(module: nn.Module) -> str:
-    """A short digest of a frozen encoder's weights: each tensor's name, shape and 64 evenly spaced values
-    (exact bytes, so it is the same on every machine; any two trained or random models differ in them)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        count = min(64, flat.numel())
-        picks = torch.arange(count, dtype=torch.long) * max(flat.numel() - 1, 0) // max(count - 1, 1)  # exact integers
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(flat[picks].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def encoder_location(name: str, folder: Path, field: str) -> str:

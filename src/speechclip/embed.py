@@ -4,7 +4,9 @@ An output folder holds `<kind>-00000.safetensors`, `<kind>-00001.safetensors`, .
 float32, L2-normalised; the shard's ids, kind and number in the safetensors metadata) and `manifest.json`,
 written last and atomically, listing every kind's shards. A shard is written under a temporary name and
 renamed when whole, so a file with a shard's name is always complete: a rerun after an interruption skips
-the shards whose ids are the ones it would write and does the rest. Memory holds one shard's embeddings and
+the shards whose ids are the ones it would write and does the rest. Every shard and the manifest record the
+fingerprint of the model that wrote them, so a rerun with another checkpoint is refused instead of mixing
+two models' embeddings in one folder. Memory holds one shard's embeddings and
 one batch of inputs, whatever the collection size. Shard s of a kind holds items [s * shard_size, (s + 1) *
 shard_size) of that kind, so any process (or GPU rank, `train/embed_job.py`) can write any shard.
 
@@ -28,6 +30,7 @@ from tqdm import tqdm
 
 from .audio import pad_batch
 from .data.items import SpokenCaption
+from .fingerprint import model_fingerprint
 from .images import load_image
 from .model import SpeechCLIP
 
@@ -136,19 +139,43 @@ def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: 
     return path
 
 
-def shard_is_done(path: Path, ids: Sequence[str]) -> bool:
-    """True when `path` holds these ids; an error when it holds others (another input or shard size)."""
+def embed_meta(model: SpeechCLIP) -> dict:
+    """What every shard and the manifest record of the model that wrote them."""
+    return {"upstream": model.config.upstream, "clip": model.config.clip, "model": model_fingerprint(model)}
+
+
+def check_folder_model(out: Path, meta: dict) -> None:
+    """Refuse, before any work, a folder whose manifest lists another model's embeddings."""
+    path = Path(out) / MANIFEST
+    if meta.get("model") and path.is_file():
+        written = read_manifest(out).get("model", {}).get("model")
+        if written != meta["model"]:
+            raise ValueError(f"{path}: lists the embeddings of another model ({_short(written)}; this one is "
+                             f"{_short(meta['model'])}); use another --out or delete the folder")
+
+
+def shard_is_done(path: Path, ids: Sequence[str], model: str | None = None) -> bool:
+    """True when `path` holds these ids (embedded by `model`, a fingerprint, when given); an error when it
+    holds others (another input or shard size) or another model's."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as file:
-            written = json.loads((file.metadata() or {}).get("ids", "null"))
+            metadata = file.metadata() or {}
+        written = json.loads(metadata.get("ids", "null"))
     except (OSError, ValueError) as error:  # not a shard we wrote (renames make torn files impossible)
         raise ValueError(f"{path}: unreadable shard ({error}); delete it to embed it again") from error
     if written != list(ids):
         raise ValueError(f"{path}: holds other items than this run's shard (another manifest or --shard-size); "
                          "use another --out or delete the folder")
+    if model is not None and metadata.get("model") != model:
+        raise ValueError(f"{path}: holds the embeddings of another model ({_short(metadata.get('model'))}; this one "
+                         f"is {_short(model)}); use another --out or delete the folder")
     return True
+
+
+def _short(fingerprint: str | None) -> str:
+    return f"fingerprint {fingerprint[:12]}" if fingerprint else "no fingerprint recorded"
 
 
 def write_manifest(out: Path, done: Sequence[Collection], shard_size: int, meta: dict) -> Path:
@@ -161,7 +188,7 @@ def write_manifest(out: Path, done: Sequence[Collection], shard_size: int, meta:
         shards = []
         for number, (start, stop) in enumerate(collection.shards(shard_size)):
             path = shard_path(out, collection.kind, number)
-            if not shard_is_done(path, collection.ids[start:stop]):
+            if not shard_is_done(path, collection.ids[start:stop], meta.get("model")):
                 raise FileNotFoundError(f"{path}: missing; run `speechclip embed` again to finish it")
             shards.append({"file": path.name, "count": stop - start})
         dim = _shard_dim(out / shards[0]["file"]) if shards else 0
@@ -193,12 +220,13 @@ def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Pat
     """Embed every kind in `what` into shards under `out`, skipping finished shards; returns manifest.json."""
     bound_kernel_cache()
     model.eval()
-    meta = {"upstream": model.config.upstream, "clip": model.config.clip}
+    meta = embed_meta(model)
+    check_folder_model(out, meta)
     todo = collections(items, what)
     for collection in todo:
         for number, (start, stop) in enumerate(tqdm(collection.shards(shard_size), desc=f"{collection.kind} shards", disable=not progress)):
             path = shard_path(out, collection.kind, number)
-            if shard_is_done(path, collection.ids[start:stop]):
+            if shard_is_done(path, collection.ids[start:stop], meta["model"]):
                 continue
             embeddings = None
             for rows in batches(collection, start, stop, batch_size):

@@ -1,15 +1,42 @@
-"""What identifies a frozen encoder in a cache key. Its name alone does not: a local folder can be written
-again under the same path (the demo pre-trains its mini CLIP and HuBERT again in place for another seed),
-and one folder can be reached by several spellings of its path. A key therefore takes the folder's files
-(size, modification time) and a sample of the loaded weights."""
+"""What identifies a model in a cache key or a checkpoint. A name alone does not: a local folder can be
+written again under the same path (the demo pre-trains its mini CLIP and HuBERT again in place for another
+seed), one folder can be reached by several spellings of its path, and a run keeps training heads under
+one name. So keys take the weights themselves (and, for a folder, its files)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
-WEIGHT_SAMPLES, SAMPLE_BYTES = 8, 4096
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A short digest of a frozen encoder's weights: each tensor's name, shape and 64 evenly spaced values
+    (exact bytes, so it is the same on every machine; any two trained or random models differ in them)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        count = min(64, flat.numel())
+        picks = torch.arange(count, dtype=torch.long) * max(flat.numel() - 1, 0) // max(count - 1, 1)  # exact integers
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(flat[picks].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A SpeechCLIP's identity for cached embeddings: its config, every trained weight, and the frozen
+    encoders' fingerprints (the same heads over another upstream embed otherwise), but not where the
+    encoders were read from (one checkpoint reached by two spellings of its path is one model)."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("upstream", "clip")}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(model.encoder_fingerprints(), sort_keys=True).encode())
+    for name, tensor in sorted(model.trainable_state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def folder_files(name_or_path: str | Path) -> list[list]:
@@ -17,12 +44,3 @@ def folder_files(name_or_path: str | Path) -> list[list]:
     source = Path(name_or_path)
     files = sorted(source.rglob("*")) if source.is_dir() else []
     return [[str(f.relative_to(source)), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-
-
-def update_with_weights(digest, module: nn.Module) -> None:
-    """Feed `digest` the first float32 bytes of every n-th parameter: cheap at any model size, and different
-    for any two trainings or initialisations."""
-    parameters = list(module.parameters())
-    for parameter in parameters[:: max(1, len(parameters) // WEIGHT_SAMPLES)]:
-        head = parameter.detach().reshape(-1)[: SAMPLE_BYTES // 4]
-        digest.update(head.float().cpu().numpy().tobytes())

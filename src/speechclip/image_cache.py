@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .clip import FrozenCLIP
-from .fingerprint import folder_files, update_with_weights
+from .fingerprint import folder_files, weights_fingerprint
 from .images import load_image
 
 
@@ -32,13 +32,10 @@ def _image_key(path: Path) -> str:
 
 def clip_slug(clip: FrozenCLIP) -> str:
     """The cache's sub-folder for one CLIP: the same for every spelling of a folder's path, another as soon
-    as the weights differ (a folder written again, another hub model)."""
-    digest = hashlib.sha256()
-    local = Path(clip.name_or_path).is_dir()
-    identity = {"hub_id": None if local else str(clip.name_or_path), "files": folder_files(clip.name_or_path)}
-    digest.update(json.dumps(identity, sort_keys=True).encode())
-    update_with_weights(digest, clip.model)
-    return digest.hexdigest()[:16]
+    as the weights or the folder's files change (a folder pre-trained again in place, another hub model)."""
+    identity = {"weights": weights_fingerprint(clip.model), "files": folder_files(clip.name_or_path),
+                "hub_id": None if Path(clip.name_or_path).is_dir() else str(clip.name_or_path)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ImageEmbeddingCache:

@@ -16,7 +16,8 @@ from torch import nn
 
 from .audio import AudioError, AudioInput, pad_batch, to_waveform
 from .branches import BRANCHES
-from .checkpoint import check_fingerprints, encoder_location, fingerprint, read_config, read_weights, write_checkpoint
+from .checkpoint import check_fingerprints, encoder_location, read_config, read_weights, write_checkpoint
+from .fingerprint import weights_fingerprint
 from .clip import FrozenCLIP
 from .config import ConfigError, SpeechCLIPConfig
 from .images import load_image
@@ -208,7 +209,7 @@ class SpeechCLIP(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIXES)}
 
     def encoder_fingerprints(self) -> dict[str, str]:
-        return {"upstream": fingerprint(self.upstream.model), "clip": fingerprint(self.clip.model)}
+        return {"upstream": weights_fingerprint(self.upstream.model), "clip": weights_fingerprint(self.clip.model)}
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """config.json + model.safetensors; local encoder folders are recorded relative to `folder`."""

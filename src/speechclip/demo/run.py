@@ -15,6 +15,7 @@ Each stage prints its wall time and the peak memory of the whole process tree (`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -73,14 +74,18 @@ def pretrain_once(folder: Path, spec: object, build) -> dict:
     """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
     marker = folder / "pretrain.json"
     wanted = json.loads(json.dumps(asdict(spec)))  # tuples become lists, as they read back
-    if marker.is_file():
+    try:
         log = json.loads(marker.read_text())
-        if log.get("spec") == wanted:
-            log["reused"] = True
-            return log
+    except (OSError, ValueError):  # absent, or an older build's marker cut short: build again
+        log = {}
+    if log.get("spec") == wanted:
+        log["reused"] = True
+        return log
     log = build()
     log["spec"] = wanted
-    marker.write_text(json.dumps(log) + "\n")
+    tmp = marker.with_name(".pretrain.json.tmp")
+    tmp.write_text(json.dumps(log) + "\n")
+    os.replace(tmp, marker)  # the marker says "finished": never half-written
     log["reused"] = False
     return log
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from ..audio import AudioError, load_audio
 from ..data.manifest import read_manifest
 from ..index import EmbeddingIndex
-from .files import cache_folder, fingerprint, item_id, list_files, model_fingerprint, read_meta
+from ..fingerprint import model_fingerprint
+from .files import cache_folder, fingerprint, item_id, list_files, read_meta
 from .gallery import UnknownItem
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
 
 CACHE_NAME = ".speechclip"  # beside the data: inside the folder, hidden, skipped when listing it
 
@@ -41,15 +40,6 @@ def fingerprint(files: Sequence[Path], *extra: str) -> str:
     for path in files:
         stat = path.stat()
         digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def model_fingerprint(model) -> str:
-    """A SpeechCLIP's identity for caching speech embeddings: its config and its trained weights."""
-    digest = hashlib.sha1(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.trainable_state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

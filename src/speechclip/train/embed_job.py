@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.items import SpokenCaption
-from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, collections, encode_prepared,
-                     prepare_batch, shard_is_done, shard_path, write_manifest, write_shard)
+from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, check_folder_model, collections,
+                     embed_meta, encode_prepared, prepare_batch, shard_is_done, shard_path, write_manifest, write_shard)
 from ..model import SpeechCLIP
 
 
@@ -52,9 +52,10 @@ class _BatchDataset(Dataset):
 class EmbedSystem(L.LightningModule):
     """Wraps the plain model for `trainer.predict`; plans this rank's batches once the rank is known."""
 
-    def __init__(self, model: SpeechCLIP, todo: list[Collection], out: Path, batch_size: int, shard_size: int, workers: int):
+    def __init__(self, model: SpeechCLIP, todo: list[Collection], out: Path, batch_size: int, shard_size: int, workers: int,
+                 model_key: str):
         super().__init__()
-        self.model = model
+        self.model, self.model_key = model, model_key
         self.todo, self.out, self.batch_size, self.shard_size, self.workers = todo, Path(out), batch_size, shard_size, workers
         self.work: list[_Batch] = []
 
@@ -63,7 +64,8 @@ class EmbedSystem(L.LightningModule):
         self.work = []
         for collection in self.todo:
             for number, (start, stop) in enumerate(collection.shards(self.shard_size)):
-                if number % world != rank or shard_is_done(shard_path(self.out, collection.kind, number), collection.ids[start:stop]):
+                path = shard_path(self.out, collection.kind, number)
+                if number % world != rank or shard_is_done(path, collection.ids[start:stop], self.model_key):
                     continue
                 groups = batches(collection, start, stop, self.batch_size)
                 self.work += [_Batch(collection, number, start, stop, rows, i == len(groups) - 1) for i, rows in enumerate(groups)]
@@ -102,13 +104,15 @@ def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | 
     bound_kernel_cache()
     out = Path(out)
     todo = collections(items, what)
-    meta = {"upstream": model.config.upstream, "clip": model.config.clip}
+    meta = embed_meta(model)
+    check_folder_model(out, meta)
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
                         callbacks=[ShardWriter(out, todo, shard_size, meta)], enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False)
     # our batches are whole shard batches (batch_size=None); the writer needs no sampler indices
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    trainer.predict(EmbedSystem(model.eval(), todo, out, batch_size, shard_size, workers), return_predictions=False)
+    trainer.predict(EmbedSystem(model.eval(), todo, out, batch_size, shard_size, workers, meta["model"]),
+                    return_predictions=False)
     # here, not in a predict hook: a rank with nothing left to do skips the predict loop and its hooks
     trainer.strategy.barrier("embed shards written")
     return write_manifest(out, todo, shard_size, meta) if trainer.is_global_zero else None
