@@ -205,13 +205,27 @@ def _fold_recalls(out: Path, corpus_dir: Path, clip: FrozenCLIP, cache: ImageEmb
     ceiling_r1 = [results["clip_text_to_image"]["recall"][1]]
     if folds > 1:
         model = SpeechCLIP.from_pretrained(out / "runs" / "pretrained" / "final")
+        speech_r1 += extra_fold_speech_r1(model, corpus_dir, cache, folds)
         for fold in range(1, folds):
             items = read_dataset("manifest", str(corpus_dir), test_fold_split(fold))
-            table = image_table(items)
-            speech = encode_speech_streamed(model, items).branches["parallel"]
-            retrieval = speech_image_retrieval(speech, cache.embeddings(table.paths), torch.tensor(table.caption_rows))
-            speech_r1.append(retrieval["speech_to_image"]["recall"][1])
             ceiling_r1.append(_ceiling(clip, items, cache)["recall"][1])
+    return pooled_folds(speech_r1, ceiling_r1)
+
+
+def extra_fold_speech_r1(model: SpeechCLIP, corpus_dir: Path, cache: ImageEmbeddingCache, folds: int) -> list[float]:
+    """The parallel branch's speech->image R@1 on test folds 1..folds-1 (benchmarks judge variants this way too)."""
+    recalls = []
+    for fold in range(1, folds):
+        items = read_dataset("manifest", str(corpus_dir), test_fold_split(fold))
+        table = image_table(items)
+        speech = encode_speech_streamed(model, items).branches["parallel"]
+        retrieval = speech_image_retrieval(speech, cache.embeddings(table.paths), torch.tensor(table.caption_rows))
+        recalls.append(retrieval["speech_to_image"]["recall"][1])
+    return recalls
+
+
+def pooled_folds(speech_r1: list[float], ceiling_r1: list[float]) -> dict:
+    """Per-fold ratios and the pooled one (sum of R@1 over sum of ceilings: every fold weighs the same)."""
     ratios = [s / max(c, 1e-9) for s, c in zip(speech_r1, ceiling_r1)]
-    return {"folds": folds, "speech_to_image_r1": speech_r1, "ceiling_r1": ceiling_r1, "ratios": ratios,
+    return {"folds": len(speech_r1), "speech_to_image_r1": speech_r1, "ceiling_r1": ceiling_r1, "ratios": ratios,
             "ratio": sum(speech_r1) / max(sum(ceiling_r1), 1e-9)}
