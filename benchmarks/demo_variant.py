@@ -23,12 +23,12 @@ import torch
 
 from common import demo_build_spec  # (and the CLI's logging set-up)
 from speechclip.data import read_dataset
+from speechclip.demo.run import extra_fold_speech_r1, pooled_folds
+from speechclip.demo.spec import speechclip_config
 from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
 from speechclip.model import SpeechCLIP
 from speechclip.train.config import apply_overrides, run_config_from_dict
-from speechclip.demo.run import extra_fold_speech_r1, pooled_folds
-from speechclip.demo.spec import speechclip_config
 from speechclip.train.run import fit
 
 
@@ -47,7 +47,8 @@ def main() -> None:
     seconds = time.perf_counter() - started
     model = SpeechCLIP.from_pretrained(out / "final")
     test = read_dataset("manifest", str(args.run / "corpus"), "test")
-    results = evaluate(model, test, ImageEmbeddingCache(args.run / "cache", model.clip))
+    cache = ImageEmbeddingCache(args.run / "cache", model.clip)
+    results = evaluate(model, test, cache)
     built = json.loads((args.run / "results.json").read_text())
     ceiling = built["clip_text_to_image"]["recall"]["1"]
     r1 = results["parallel"]["speech_to_image"]["recall"][1]
@@ -56,7 +57,6 @@ def main() -> None:
           f"{seconds:.0f} s with {torch.get_num_threads()} threads")
     if built.get("test_folds", {}).get("folds", 1) > 1:  # the check's own figure: pooled over the test folds
         folds = built["test_folds"]
-        cache = ImageEmbeddingCache(args.run / "cache", model.clip)
         extra = extra_fold_speech_r1(model, args.run / "corpus", cache, folds["folds"])
         pooled = pooled_folds([r1, *extra], folds["ceiling_r1"])
         print(f"  over {pooled['folds']} test folds: {' '.join(f'{r:.3f}' for r in pooled['ratios'])}, pooled "

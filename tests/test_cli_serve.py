@@ -47,8 +47,10 @@ def test_embed_into_a_folder_of_another_checkpoint_says_so_in_one_line(checkpoin
                                                                        monkeypatch):
     manifest, out = f"{tiny_corpus}/test.jsonl", str(tmp_path / "emb")
     main(["embed", "--checkpoint", str(checkpoint), "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
+    shards = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("speech-*.safetensors")}
     monkeypatch.chdir(checkpoint.parent)  # the same checkpoint by another path: one model, its shards reused
     main(["embed", "--checkpoint", f"./{checkpoint.name}/", "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
+    assert shards and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "emb").glob("speech-*.safetensors")} == shards
     torch.manual_seed(1)
     other = SpeechCLIP(tiny_model_config(encoders, "hybrid")).save_pretrained(tmp_path / "other")
     capsys.readouterr()
@@ -56,7 +58,7 @@ def test_embed_into_a_folder_of_another_checkpoint_says_so_in_one_line(checkpoin
         main(["embed", "--checkpoint", str(other), "--manifest", manifest, "--out", out, "--what", "speech", "--no-progress"])
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "manifest.json: lists the embeddings of another model" in err
+    assert len(err.splitlines()) == 1 and "manifest.json: holds the embeddings of another model" in err
 
 
 def test_serve_without_the_demo_says_so_in_one_line(tmp_path, monkeypatch, capsys):

@@ -41,13 +41,14 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["pretraining"]["clip"]["reused"] and again["pretraining"]["hubert"]["reused"]
     assert again["training"]["pretrained"]["reused"] and again["training"]["random"]["reused"]
+    caches = tmp_path / "cache" / "upstream_states"
+    before = {folder.name for folder in caches.iterdir()}
     main(["demo", "--quick", "--retrain", "--out", str(tmp_path)])
     retrained = json.loads((tmp_path / "results.json").read_text())
     assert retrained["pretraining"]["hubert"]["reused"] and not retrained["training"]["pretrained"]["reused"]
+    assert {folder.name for folder in caches.iterdir()} == before  # both upstreams' state caches reused, none added
     # another seed: every training run is drawn again (the encoders too), on the same corpus, and the state
     # caches of the replaced upstreams go (each 1.1 GiB at full size): what is left is this build's own
-    caches = tmp_path / "cache" / "upstream_states"
-    before = {folder.name for folder in caches.iterdir()}
     main(["demo", "--quick", "--seed", "1", "--out", str(tmp_path)])
     after = {folder.name for folder in caches.iterdir()}
     assert after and not before & after

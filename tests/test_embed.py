@@ -98,12 +98,14 @@ def test_a_rerun_with_another_checkpoint_is_refused_not_mixed(model, encoders, i
     run = (lambda m, out: embed_collection(m, items, out, what=["speech"], batch_size=4, shard_size=5)) if runner == "embed_collection" \
         else (lambda m, out: run_embed_job(m, items, out, what=["speech"], batch_size=4, shard_size=5, accelerator="cpu", devices=1))
     run(model, tmp_path)
+    written = _mtimes(tmp_path)
     other = SpeechCLIP(tiny_model_config(encoders, "parallel")).eval()
     other.load_trainable(model.trainable_state_dict())
     run(other, tmp_path)  # the same weights: every shard is reused
+    assert {k: v for k, v in _mtimes(tmp_path).items() if k != MANIFEST} == {k: v for k, v in written.items() if k != MANIFEST}
     with torch.no_grad():
         next(p for p in other.parameters() if p.requires_grad).add_(1e-3)  # a training step later
-    with pytest.raises(ValueError, match=r"manifest.json: lists the embeddings of another model \(fingerprint [0-9a-f]{12}; this one is"):
+    with pytest.raises(ValueError, match=r"manifest.json: holds the embeddings of another model \(fingerprint [0-9a-f]{12}; this one is"):
         run(other, tmp_path)
     (tmp_path / MANIFEST).unlink()  # interrupted before the manifest: the shards themselves say whose they are
     with pytest.raises(ValueError, match=r"speech-00000.safetensors: holds the embeddings of another model"):
@@ -113,6 +115,29 @@ def test_a_rerun_with_another_checkpoint_is_refused_not_mixed(model, encoders, i
 
 def read_manifest_or_none(folder):
     return read_manifest(folder) if (folder / MANIFEST).is_file() else None
+
+
+def _mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_a_shard_from_before_fingerprints_is_refused_as_such(model, items, tmp_path):
+    """A folder written before shards recorded their model cannot be vouched for: refused with its own
+    reason, not as "another model"."""
+    embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
+    (tmp_path / MANIFEST).unlink()
+    path = shard_path(tmp_path, "speech", 0)
+    with safe_open(str(path), framework="pt") as file:
+        tensor, metadata = file.get_tensor("embeddings"), file.metadata()
+    save_file({"embeddings": tensor}, str(path), metadata={k: v for k, v in metadata.items() if k != "model"})
+    with pytest.raises(ValueError, match=r"speech-00000.safetensors: written before embeddings recorded the model"):
+        embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
+
+
+def test_a_manifest_that_is_not_json_is_named(tmp_path):
+    (tmp_path / MANIFEST).write_text('{"format": "speechclip-embeddings/1", "kinds": {')  # not ours: ours are renamed whole
+    with pytest.raises(ValueError, match=r"manifest.json: not a manifest of `speechclip embed`"):
+        read_manifest(tmp_path)
 
 
 def test_legacy_single_file_still_reads(tmp_path):

@@ -65,6 +65,16 @@ def test_image_index_is_cached_and_follows_the_folder(model, tmp_path):
     assert changed.search(changed.vector("zz_copy.png"), 2)[0][1] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_the_same_clip_by_another_path_reuses_the_index(model, tmp_path, monkeypatch):
+    make_images(tmp_path / "pics", 3)
+    first = index_images(model, tmp_path / "pics", progress=False)
+    saved = {p: p.stat().st_mtime_ns for p in (tmp_path / "pics" / ".speechclip").rglob("*") if p.is_file()}
+    monkeypatch.setattr(model.clip, "name_or_path", f"{model.clip.name_or_path}/./")  # one folder, another spelling
+    again = index_images(model, tmp_path / "pics", progress=False)
+    assert again.embedded == 0 and again.ids == first.ids
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "pics" / ".speechclip").rglob("*") if p.is_file()} == saved
+
+
 def test_image_folder_errors_name_the_folder(model, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere: no such image folder"):
         index_images(model, tmp_path / "nowhere", progress=False)

@@ -150,8 +150,19 @@ def check_folder_model(out: Path, meta: dict) -> None:
     if meta.get("model") and path.is_file():
         written = read_manifest(out).get("model", {}).get("model")
         if written != meta["model"]:
-            raise ValueError(f"{path}: lists the embeddings of another model ({_short(written)}; this one is "
-                             f"{_short(meta['model'])}); use another --out or delete the folder")
+            raise ValueError(_other_model(path, written, meta["model"]))
+
+
+def finished_shards(out: Path, todo: Sequence[Collection], shard_size: int, model: str | None = None) -> set[tuple[str, int]]:
+    """(kind, number) of every shard of `todo` already written by `model`; an error naming the first shard
+    that holds other ids or another model's embeddings. Checked before any work, on every rank alike, so a
+    refusal is one line everywhere instead of one rank failing inside a distributed job."""
+    done = set()
+    for collection in todo:
+        for number, (start, stop) in enumerate(collection.shards(shard_size)):
+            if shard_is_done(shard_path(Path(out), collection.kind, number), collection.ids[start:stop], model):
+                done.add((collection.kind, number))
+    return done
 
 
 def shard_is_done(path: Path, ids: Sequence[str], model: str | None = None) -> bool:
@@ -169,13 +180,17 @@ def shard_is_done(path: Path, ids: Sequence[str], model: str | None = None) -> b
         raise ValueError(f"{path}: holds other items than this run's shard (another manifest or --shard-size); "
                          "use another --out or delete the folder")
     if model is not None and metadata.get("model") != model:
-        raise ValueError(f"{path}: holds the embeddings of another model ({_short(metadata.get('model'))}; this one "
-                         f"is {_short(model)}); use another --out or delete the folder")
+        raise ValueError(_other_model(path, metadata.get("model"), model))
     return True
 
 
-def _short(fingerprint: str | None) -> str:
-    return f"fingerprint {fingerprint[:12]}" if fingerprint else "no fingerprint recorded"
+def _other_model(path: Path, written: str | None, model: str) -> str:
+    """The refusal of a folder or shard that another model wrote, or that predates model fingerprints."""
+    if not written:
+        return (f"{path}: written before embeddings recorded the model that made them, so it cannot be told "
+                "whether this model did; use another --out or delete the folder to embed again")
+    return (f"{path}: holds the embeddings of another model (fingerprint {written[:12]}; this one is "
+            f"{model[:12]}); use another --out or delete the folder")
 
 
 def write_manifest(out: Path, done: Sequence[Collection], shard_size: int, meta: dict) -> Path:
@@ -208,9 +223,13 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; `speechclip embed` writes it when every shard is done")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as error:  # written atomically by us, so another program's file or a damaged disk
+        raise ValueError(f"{path}: not a manifest of `speechclip embed` ({error}); delete the folder to embed again") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {found!r}, expected {FORMAT!r}")
     return manifest
 
 
@@ -223,10 +242,10 @@ def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Pat
     meta = embed_meta(model)
     check_folder_model(out, meta)
     todo = collections(items, what)
+    done = finished_shards(out, todo, shard_size, meta["model"])
     for collection in todo:
         for number, (start, stop) in enumerate(tqdm(collection.shards(shard_size), desc=f"{collection.kind} shards", disable=not progress)):
-            path = shard_path(out, collection.kind, number)
-            if shard_is_done(path, collection.ids[start:stop], meta["model"]):
+            if (collection.kind, number) in done:
                 continue
             embeddings = None
             for rows in batches(collection, start, stop, batch_size):
@@ -234,7 +253,8 @@ def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Pat
                 if embeddings is None:
                     embeddings = torch.empty(stop - start, batch.shape[1])
                 embeddings[torch.tensor(rows) - start] = batch
-            write_shard(path, embeddings, collection.ids[start:stop], {**meta, "kind": collection.kind, "shard": number})
+            write_shard(shard_path(out, collection.kind, number), embeddings, collection.ids[start:stop],
+                        {**meta, "kind": collection.kind, "shard": number})
     return write_manifest(out, todo, shard_size, meta)
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # model.py imports this module
+    from .model import SpeechCLIP
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -26,7 +30,7 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: "SpeechCLIP") -> str:
     """A SpeechCLIP's identity for cached embeddings: its config, every trained weight, and the frozen
     encoders' fingerprints (the same heads over another upstream embed otherwise), but not where the
     encoders were read from (one checkpoint reached by two spellings of its path is one model)."""
@@ -39,7 +43,7 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def folder_files(name_or_path: str | Path) -> list[list]:
+def folder_files(name_or_path: str | Path) -> list[list[str | int]]:
     """[relative path, size, mtime_ns] of every file in a local encoder folder; [] for a hub id."""
     source = Path(name_or_path)
     files = sorted(source.rglob("*")) if source.is_dir() else []

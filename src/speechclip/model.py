@@ -17,9 +17,9 @@ from torch import nn
 from .audio import AudioError, AudioInput, pad_batch, to_waveform
 from .branches import BRANCHES
 from .checkpoint import check_fingerprints, encoder_location, read_config, read_weights, write_checkpoint
-from .fingerprint import weights_fingerprint
 from .clip import FrozenCLIP
 from .config import ConfigError, SpeechCLIPConfig
+from .fingerprint import weights_fingerprint
 from .images import load_image
 from .outputs import KeywordOutput, SpeechOutput
 from .upstream import SpeechUpstream, WeightedLayerSum

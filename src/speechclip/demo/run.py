@@ -136,10 +136,9 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
     with stage("2b. pre-train mini HuBERT"):
         hubert_log = pretrain_once(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
             [i.audio for i in train_items], encoders / "hubert", spec.hubert))
-        torch.manual_seed(spec.hubert.seed + 1)
-        save_mini_speech(encoders / "hubert-random", hubert_config(spec.hubert))
         if not hubert_log["reused"]:
             _drop_state_caches(out / "cache")
+        _save_random_upstream(encoders / "hubert-random", spec, again=not hubert_log["reused"])
     del train_items, pairs
     with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
         specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
@@ -160,6 +159,20 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
     return results
 
 
+def _save_random_upstream(folder: Path, spec: DemoSpec, again: bool) -> None:
+    """The control's frozen random upstream, written only when missing or when the mini HuBERT is new: its
+    files' times are part of the state cache's key, so writing the same weights again on every `--retrain`
+    left a new 1.1 GiB state cache behind each time. Written beside and renamed, so it is never half there."""
+    if folder.is_dir() and not again:
+        return
+    torch.manual_seed(spec.hubert.seed + 1)
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_mini_speech(tmp, hubert_config(spec.hubert))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def _drop_state_caches(cache: Path) -> None:
     """The mini HuBERT was pre-trained again (a new folder, --fresh, another --seed): every upstream-state cache
     here is of upstreams that no longer exist, 1.1 GiB each at the demo's size, and would only pile up."""
@@ -167,6 +180,7 @@ def _drop_state_caches(cache: Path) -> None:
 
 
 def _short(log: dict) -> dict:
+    """A pre-training log without its per-step losses: results.json keeps the summary, the log keeps the curve."""
     return {k: v for k, v in log.items() if k != "losses"}
 
 

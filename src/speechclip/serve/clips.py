@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from ..audio import AudioError, load_audio
 from ..data.manifest import read_manifest
-from ..index import EmbeddingIndex
 from ..fingerprint import model_fingerprint
+from ..index import EmbeddingIndex
 from .files import cache_folder, fingerprint, item_id, list_files, read_meta
 from .gallery import UnknownItem
 

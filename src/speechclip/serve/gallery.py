@@ -116,7 +116,7 @@ def index_images(model, folder: str | Path, cache: str | Path | None = None, pro
     root = cache_folder(folder, Path(cache) if cache else None)
     embeddings = ImageEmbeddingCache(root / "images", model.clip)
     index_dir = embeddings.folder / "index"
-    key = fingerprint(files, str(model.clip.name_or_path))
+    key = fingerprint(files)  # the CLIP is the cache's own sub-folder (its weights), not a path spelling
     source = read_meta(index_dir / "source.json")  # the fingerprint the saved index was built from
     cached = source.get("fingerprint") == key
     if cached:

@@ -1,8 +1,9 @@
 """`speechclip embed` on several GPUs or nodes: Lightning's `trainer.predict` with a prediction writer.
 
 The same shards and manifest as the single-process export (`speechclip.embed`), so a run can be resumed
-by either. Shard s goes to rank s % world_size (fixed by the shard's number, not by what is left to do, so
-ranks agree without talking); each rank skips its finished shards, reads its batches in DataLoader workers
+by either. Every rank first checks every existing shard (a refusal is then one line on every rank, not a
+failure on one and a wait on the others). Shard s goes to rank s % world_size (fixed by the shard's number,
+not by what is left to do, so ranks agree without talking); each rank skips its finished shards, reads its batches in DataLoader workers
 and writes each shard when its last batch is predicted. After a barrier, rank 0 writes the manifest.
 """
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.items import SpokenCaption
 from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, check_folder_model, collections,
-                     embed_meta, encode_prepared, prepare_batch, shard_is_done, shard_path, write_manifest, write_shard)
+                     embed_meta, encode_prepared, finished_shards, prepare_batch, shard_path, write_manifest, write_shard)
 from ..model import SpeechCLIP
 
 
@@ -52,11 +53,11 @@ class _BatchDataset(Dataset):
 class EmbedSystem(L.LightningModule):
     """Wraps the plain model for `trainer.predict`; plans this rank's batches once the rank is known."""
 
-    def __init__(self, model: SpeechCLIP, todo: list[Collection], out: Path, batch_size: int, shard_size: int, workers: int,
-                 model_key: str):
+    def __init__(self, model: SpeechCLIP, todo: list[Collection], done: set[tuple[str, int]], batch_size: int,
+                 shard_size: int, workers: int):
         super().__init__()
-        self.model, self.model_key = model, model_key
-        self.todo, self.out, self.batch_size, self.shard_size, self.workers = todo, Path(out), batch_size, shard_size, workers
+        self.model, self.todo, self.done = model, todo, done
+        self.batch_size, self.shard_size, self.workers = batch_size, shard_size, workers
         self.work: list[_Batch] = []
 
     def predict_dataloader(self) -> DataLoader:
@@ -64,8 +65,7 @@ class EmbedSystem(L.LightningModule):
         self.work = []
         for collection in self.todo:
             for number, (start, stop) in enumerate(collection.shards(self.shard_size)):
-                path = shard_path(self.out, collection.kind, number)
-                if number % world != rank or shard_is_done(path, collection.ids[start:stop], self.model_key):
+                if number % world != rank or (collection.kind, number) in self.done:
                     continue
                 groups = batches(collection, start, stop, self.batch_size)
                 self.work += [_Batch(collection, number, start, stop, rows, i == len(groups) - 1) for i, rows in enumerate(groups)]
@@ -106,13 +106,13 @@ def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | 
     todo = collections(items, what)
     meta = embed_meta(model)
     check_folder_model(out, meta)
+    done = finished_shards(out, todo, shard_size, meta["model"])  # every rank checks every shard before any work
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
                         callbacks=[ShardWriter(out, todo, shard_size, meta)], enable_checkpointing=False,
                         enable_progress_bar=progress, enable_model_summary=False, use_distributed_sampler=False)
     # our batches are whole shard batches (batch_size=None); the writer needs no sampler indices
     warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-    trainer.predict(EmbedSystem(model.eval(), todo, out, batch_size, shard_size, workers, meta["model"]),
-                    return_predictions=False)
+    trainer.predict(EmbedSystem(model.eval(), todo, done, batch_size, shard_size, workers), return_predictions=False)
     # here, not in a predict hook: a rank with nothing left to do skips the predict loop and its hooks
     trainer.strategy.barrier("embed shards written")
     return write_manifest(out, todo, shard_size, meta) if trainer.is_global_zero else None
