@@ -45,16 +45,20 @@ def main() -> None:
         model = SpeechCLIP.from_pretrained(run / "runs" / "pretrained" / "final").eval()
         cache = ImageEmbeddingCache(run / "cache", model.clip)
         folds = json.loads((run / "results.json").read_text())["test_folds"]
-        pooled = dict.fromkeys(WEIGHTS, 0.0)
+        pooled, validation = dict.fromkeys(WEIGHTS, 0.0), {}
         for split in ["val", "test"] + [test_fold_split(f) for f in range(1, folds["folds"])]:
             recall = fused_r1(model, read_dataset("manifest", str(run / "corpus"), split), cache)
             print(f"{run.name} {split:<10} " + " ".join(f"w={w}: {r:.3f}" for w, r in recall.items()), flush=True)
-            if split != "val":
+            if split == "val":
+                validation = recall
+            else:
                 for w, r in recall.items():
                     pooled[w] += r
         ceiling = sum(folds["ceiling_r1"])
+        chosen = max(WEIGHTS, key=lambda w: (validation[w], -w))  # the best on validation; ties: less fusion
         print(f"{run.name} pooled ratio " + " ".join(f"w={w}: {r / ceiling:.3f}" for w, r in pooled.items())
-              + f" (the build printed {folds['ratio']:.3f})", flush=True)
+              + f" (the build printed {folds['ratio']:.3f}); w chosen on validation {chosen}: "
+              f"{pooled[chosen] / ceiling:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,8 +71,8 @@ def respoken(items: list[SpokenCaption], pool: list[str], work: Path, tag: str, 
         jobs.append((item.text, speaker_from_name(speaker), path))
         out.append(replace(item, audio=path, speaker=speaker))
     work.mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(2) as pool_:  # espeak-ng runs as a subprocess: threads are enough
-        list(pool_.map(lambda job: job[2].is_file() or synthesize(*job), jobs))
+    with ThreadPoolExecutor(2) as executor:  # espeak-ng runs as a subprocess: threads are enough
+        list(executor.map(lambda job: job[2].is_file() or synthesize(*job), jobs))
     return out
 
 

@@ -134,9 +134,39 @@ def test_a_shard_from_before_fingerprints_is_refused_as_such(model, items, tmp_p
         embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
 
 
+@pytest.mark.parametrize("runner", ["embed_collection", "run_embed_job"])
+def test_every_shard_is_checked_before_any_work(model, items, tmp_path, monkeypatch, runner):
+    """A bad shard anywhere is refused before anything is embedded (and, on several ranks, before the
+    Trainer exists: every rank refuses alike instead of one failing and the others waiting)."""
+    from speechclip.train import embed_job
+
+    embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
+    (tmp_path / MANIFEST).unlink()
+    shard_path(tmp_path, "speech", 0).unlink()  # to do again
+    shard_path(tmp_path, "speech", 1).write_bytes(b"not a shard")  # refused: must stop the run before shard 0
+    monkeypatch.setattr(embed_module, "encode_prepared", lambda *a: pytest.fail("embedded before the check"))
+    monkeypatch.setattr(embed_job.L, "Trainer", lambda *a, **k: pytest.fail("Trainer built before the check"))
+    run = embed_collection if runner == "embed_collection" else \
+        (lambda *a, **k: embed_job.run_embed_job(*a, **k, accelerator="cpu", devices=1))
+    with pytest.raises(ValueError, match=r"speech-00001.safetensors: unreadable shard"):
+        run(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
+    assert not shard_path(tmp_path, "speech", 0).exists()
+
+
+def test_a_folder_from_before_fingerprints_is_refused_as_such(model, items, tmp_path):
+    manifest = read_manifest(embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5).parent)
+    del manifest["model"]["model"]  # as written before manifests recorded the model's fingerprint
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest.json: written before embeddings recorded the model"):
+        embed_collection(model, items, tmp_path, what=["speech"], batch_size=4, shard_size=5)
+
+
 def test_a_manifest_that_is_not_json_is_named(tmp_path):
     (tmp_path / MANIFEST).write_text('{"format": "speechclip-embeddings/1", "kinds": {')  # not ours: ours are renamed whole
     with pytest.raises(ValueError, match=r"manifest.json: not a manifest of `speechclip embed`"):
+        read_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("[]")
+    with pytest.raises(ValueError, match=r"manifest.json: holds a JSON list, not a manifest"):
         read_manifest(tmp_path)
 
 

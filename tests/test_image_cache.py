@@ -43,6 +43,17 @@ def test_a_cache_without_keys_is_rebuilt(encoders, tiny_corpus, tmp_path):
     assert rebuilt.images_embedded == 4
 
 
+def test_a_damaged_cache_is_embedded_again(encoders, tiny_corpus, tmp_path):
+    clip = FrozenCLIP(encoders["clip"])
+    paths = _images(tiny_corpus)[:4]
+    cache = ImageEmbeddingCache(tmp_path, clip)
+    expected = cache.embeddings(paths)
+    (cache.folder / "embeddings.safetensors").write_bytes(b"not a safetensors file")  # a disk error, say
+    rebuilt = ImageEmbeddingCache(tmp_path, clip)
+    torch.testing.assert_close(rebuilt.embeddings(paths), expected)
+    assert rebuilt.images_embedded == 4
+
+
 def test_a_clip_written_again_under_the_same_folder_gets_new_embeddings(encoders, tiny_corpus, tmp_path):
     """The demo pre-trains its mini CLIP again in place for another --seed: embeddings of the old weights must
     not be served for the new ones."""

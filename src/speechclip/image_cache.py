@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -52,9 +52,12 @@ class ImageEmbeddingCache:
     def _load(self) -> None:
         weights = self.folder / "embeddings.safetensors"
         if weights.is_file():
-            with safe_open(str(weights), framework="pt") as file:
-                keys = json.loads((file.metadata() or {}).get("keys", "[]"))
-                table = file.get_tensor("embeddings")
+            try:
+                with safe_open(str(weights), framework="pt") as file:
+                    keys = json.loads((file.metadata() or {}).get("keys", "[]"))
+                    table = file.get_tensor("embeddings")
+            except (OSError, ValueError, SafetensorError):  # a damaged cache is only a cache: embed again
+                return
             if len(keys) == len(table):  # an older cache without keys is simply rebuilt
                 self._keys, self._table = keys, table
                 self._rows = {k: i for i, k in enumerate(keys)}

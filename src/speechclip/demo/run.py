@@ -138,7 +138,7 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
             [i.audio for i in train_items], encoders / "hubert", spec.hubert))
         if not hubert_log["reused"]:
             _drop_state_caches(out / "cache")
-        _save_random_upstream(encoders / "hubert-random", spec, again=not hubert_log["reused"])
+        _random_upstream(encoders / "hubert-random", spec)
     del train_items, pairs
     with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
         specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
@@ -159,18 +159,15 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
     return results
 
 
-def _save_random_upstream(folder: Path, spec: DemoSpec, again: bool) -> None:
-    """The control's frozen random upstream, written only when missing or when the mini HuBERT is new: its
-    files' times are part of the state cache's key, so writing the same weights again on every `--retrain`
-    left a new 1.1 GiB state cache behind each time. Written beside and renamed, so it is never half there."""
-    if folder.is_dir() and not again:
-        return
-    torch.manual_seed(spec.hubert.seed + 1)
-    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_mini_speech(tmp, hubert_config(spec.hubert))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+def _random_upstream(folder: Path, spec: DemoSpec) -> dict:
+    """The control's frozen random upstream (the mini HuBERT's architecture, seed + 1), written only when its
+    marker names another spec: its files' times are part of the state cache's key, so writing the same
+    weights again on every build left a new 1.1 GiB state cache behind at each `--retrain`."""
+    def build() -> dict:
+        torch.manual_seed(spec.hubert.seed + 1)
+        save_mini_speech(folder, hubert_config(spec.hubert))
+        return {}
+    return pretrain_once(folder, spec.hubert, build)
 
 
 def _drop_state_caches(cache: Path) -> None:

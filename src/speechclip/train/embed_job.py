@@ -1,10 +1,11 @@
 """`speechclip embed` on several GPUs or nodes: Lightning's `trainer.predict` with a prediction writer.
 
 The same shards and manifest as the single-process export (`speechclip.embed`), so a run can be resumed
-by either. Every rank first checks every existing shard (a refusal is then one line on every rank, not a
-failure on one and a wait on the others). Shard s goes to rank s % world_size (fixed by the shard's number,
-not by what is left to do, so ranks agree without talking); each rank skips its finished shards, reads its batches in DataLoader workers
-and writes each shard when its last batch is predicted. After a barrier, rank 0 writes the manifest.
+by either. Every rank first checks every existing shard (a refusal is then one line on every rank, not
+a failure on one and a wait on the others). Shard s goes to rank s % world_size (fixed by the shard's
+number, not by what is left to do, so ranks agree without talking); each rank skips its finished shards,
+reads its batches in DataLoader workers and writes each shard when its last batch is predicted. After a
+barrier, rank 0 writes the manifest.
 """
 
 from __future__ import annotations
