@@ -21,6 +21,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
             for task in ("speech_to_image", "image_to_speech", "speech_to_text", "text_to_speech"):
                 recall, chance = results[name][branch][task]["recall"], results[name][branch][task]["chance"]
                 assert recall["1"] <= recall["5"] <= recall.get("10", 1.0)
+                assert 0 < chance["1"] <= chance["5"] <= chance.get("10", 1.0)
         images = results[name]["images"]
         assert results[name]["parallel"]["speech_to_image"]["chance"]["1"] == pytest.approx(1 / images)
     _check_keywords(tmp_path, results)
