@@ -23,7 +23,7 @@ import torch
 
 from common import demo_build_spec  # (and the CLI's logging set-up)
 from speechclip.data import read_dataset
-from speechclip.demo.run import extra_fold_speech_r1, pooled_folds
+from speechclip.demo.run import extra_fold_items, extra_fold_speech_r1, pooled_folds
 from speechclip.demo.spec import speechclip_config
 from speechclip.evaluate import evaluate
 from speechclip.image_cache import ImageEmbeddingCache
@@ -57,7 +57,7 @@ def main() -> None:
           f"{seconds:.0f} s with {torch.get_num_threads()} threads")
     if built.get("test_folds", {}).get("folds", 1) > 1:  # the check's own figure: pooled over the test folds
         folds = built["test_folds"]
-        extra = extra_fold_speech_r1(model, args.run / "corpus", cache, folds["folds"])
+        extra = extra_fold_speech_r1(model, extra_fold_items(args.run / "corpus", folds["folds"]), cache)
         pooled = pooled_folds([r1, *extra], folds["ceiling_r1"])
         print(f"  over {pooled['folds']} test folds: {' '.join(f'{r:.3f}' for r in pooled['ratios'])}, pooled "
               f"{pooled['ratio']:.3f} (the build's own run: {folds['ratio']:.3f})")

@@ -153,11 +153,14 @@ def check_folder_model(out: Path, meta: dict) -> None:
             raise ValueError(_other_model(path, written, meta["model"]))
 
 
-def finished_shards(out: Path, todo: Sequence[Collection], shard_size: int, model: str | None = None) -> set[tuple[str, int]]:
-    """(kind, number) of every shard of `todo` already written by `model`; an error naming the first shard
-    that holds other ids or another model's embeddings. Checked before any work, on every rank alike, so a
-    refusal is one line everywhere instead of one rank failing inside a distributed job. Reads each shard's
-    header (its ids: about 0.6 MB of JSON per 10,000), once per process."""
+def finished_shards(out: Path, todo: Sequence[Collection], shard_size: int, meta: dict) -> set[tuple[str, int]]:
+    """(kind, number) of every shard of `todo` already written by this model (`meta`, from `embed_meta`); an
+    error naming the manifest or the first shard that holds other ids or another model's embeddings. Checked
+    before any work, on every rank alike, so a refusal is one line everywhere instead of one rank failing
+    inside a distributed job. Reads each shard's header (its ids: about 0.6 MB of JSON per 10,000), once per
+    process."""
+    check_folder_model(out, meta)
+    model = meta.get("model")
     done = set()
     for collection in todo:
         for number, (start, stop) in enumerate(collection.shards(shard_size)):
@@ -242,9 +245,8 @@ def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Pat
     bound_kernel_cache()
     model.eval()
     meta = embed_meta(model)
-    check_folder_model(out, meta)
     todo = collections(items, what)
-    done = finished_shards(out, todo, shard_size, meta["model"])
+    done = finished_shards(out, todo, shard_size, meta)
     for collection in todo:
         for number, (start, stop) in enumerate(tqdm(collection.shards(shard_size), desc=f"{collection.kind} shards", disable=not progress)):
             if (collection.kind, number) in done:

@@ -216,18 +216,21 @@ def _fold_recalls(out: Path, corpus_dir: Path, clip: FrozenCLIP, cache: ImageEmb
     ceiling_r1 = [results["clip_text_to_image"]["recall"][1]]
     if folds > 1:
         model = SpeechCLIP.from_pretrained(out / "runs" / "pretrained" / "final")
-        speech_r1 += extra_fold_speech_r1(model, corpus_dir, cache, folds)
-        for fold in range(1, folds):
-            items = read_dataset("manifest", str(corpus_dir), test_fold_split(fold))
-            ceiling_r1.append(_ceiling(clip, items, cache)["recall"][1])
+        extra = extra_fold_items(corpus_dir, folds)
+        speech_r1 += extra_fold_speech_r1(model, extra, cache)
+        ceiling_r1 += [_ceiling(clip, items, cache)["recall"][1] for items in extra]
     return pooled_folds(speech_r1, ceiling_r1)
 
 
-def extra_fold_speech_r1(model: SpeechCLIP, corpus_dir: Path, cache: ImageEmbeddingCache, folds: int) -> list[float]:
-    """The parallel branch's speech->image R@1 on test folds 1..folds-1 (benchmarks judge variants this way too)."""
+def extra_fold_items(corpus_dir: Path, folds: int) -> list[list[SpokenCaption]]:
+    """The captions of test folds 1..folds-1 (fold 0 is the table's test split)."""
+    return [read_dataset("manifest", str(corpus_dir), test_fold_split(fold)) for fold in range(1, folds)]
+
+
+def extra_fold_speech_r1(model: SpeechCLIP, folds: list[list[SpokenCaption]], cache: ImageEmbeddingCache) -> list[float]:
+    """The parallel branch's speech->image R@1 on each fold of `folds` (benchmarks judge variants this way too)."""
     recalls = []
-    for fold in range(1, folds):
-        items = read_dataset("manifest", str(corpus_dir), test_fold_split(fold))
+    for items in folds:
         table = image_table(items)
         speech = encode_speech_streamed(model, items).branches["parallel"]
         retrieval = speech_image_retrieval(speech, cache.embeddings(table.paths), torch.tensor(table.caption_rows))
