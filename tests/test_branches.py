@@ -105,3 +105,24 @@ def test_a_setting_the_variant_ignores_is_refused(encoders):
         tiny_model_config(encoders, "cascaded", cif=dict(threshold=2.0))
     with pytest.raises(ConfigError, match="cif.max_keywords=75: this CLIP reads at most 30"):
         SpeechCLIP(tiny_model_config(encoders, "cascaded_plus", cif={}))
+
+
+def test_hybrid_with_two_shared_layers_reads_out_what_the_full_encoder_computes(encoders):
+    """cascaded.num_layers=2 (the reference's transformer_args.n_layers): the first layer runs over every frame,
+    so frames see each other before the [CLS] and keyword tokens read them; the queries-only last layer must
+    give what PyTorch's whole encoder (with its final norm) gives at those positions."""
+    torch.manual_seed(0)
+    config = tiny_model_config(encoders, "hybrid", cascaded=dict(num_keywords=4, attention="transformer", num_layers=2,
+                                                                 num_heads=2, ffn_dim=64))
+    model = SpeechCLIP(config).eval()
+    head = model.head
+    assert len(head.attention.encoder.layers) == 2
+    width = model.upstream.hidden_size
+    frames, frame_mask = torch.randn(3, 11, width), torch.ones(3, 11, dtype=torch.bool)
+    frame_mask[1, 7:] = False
+    with torch.no_grad():
+        output = head(frames, frame_mask, model.clip)
+        tokens = torch.cat([head.parallel_cls, head.cascaded_cls]).expand(3, -1, -1)
+        padding = torch.cat([torch.zeros(3, 5, dtype=torch.bool), ~frame_mask], dim=1)
+        full = head.attention.encoder(torch.cat([tokens, frames], dim=1), src_key_padding_mask=padding)
+        torch.testing.assert_close(output.parallel, head.projection(full[:, 0]), atol=1e-5, rtol=1e-5)

@@ -128,6 +128,10 @@ def test_bad_inputs_give_clear_errors(encoders, tmp_path):
         SpeechCLIP(tiny_model_config(encoders, "cascaded", cascaded=dict(keyword_vocab=[5, 99999])))
     with pytest.raises(ConfigError, match="unknown field"):
         tiny_model_config(encoders, parallel=dict(layers=2))
+    with pytest.raises(ConfigError, match="cascaded.num_layers: 2 layers need cascaded.attention=transformer"):
+        tiny_model_config(encoders, "hybrid", cascaded=dict(num_layers=2))
+    with pytest.raises(ConfigError, match="cascaded.num_layers"):
+        tiny_model_config(encoders, "hybrid", cascaded=dict(attention="transformer", num_layers=0))
 
 
 def test_checkpoint_of_other_variant_is_refused(encoders, tmp_path):

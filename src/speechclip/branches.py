@@ -30,7 +30,7 @@ def _cls(count: int, width: int) -> nn.Parameter:
 def keyword_attention(width: int, config: CascadedConfig) -> nn.Module:
     """The cascaded settings' attention layer: attention + LayerNorm (reference) or a Transformer layer."""
     if config.attention == "transformer":
-        return EncoderStack(width, 1, config.num_heads, config.ffn_dim, config.dropout, final_norm=True)
+        return EncoderStack(width, config.num_layers, config.num_heads, config.ffn_dim, config.dropout, final_norm=True)
     return AttentionLayer(width, config.num_heads, config.dropout)
 
 

@@ -44,6 +44,7 @@ class CascadedConfig:
     # (reference); "transformer" = a Transformer encoder layer with a final LayerNorm (SpeechCLIP+ Large COCO)
     attention: str = "attention"
     num_heads: int = 1  # reference: one head (Base); SpeechCLIP+ Large cascaded+: 8
+    num_layers: int = 1  # reference transformer_args.n_layers: 1; more only with attention="transformer"
     ffn_dim: int = 3072  # only with attention="transformer"
     dropout: float = 0.1
     # hidden widths of an MLP from the upstream width to CLIP's token width (SpeechCLIP+ Large: [1024]); [] = Linear
@@ -174,7 +175,8 @@ def _check_ranges(config: SpeechCLIPConfig) -> None:
     checks = [
         ("parallel.num_layers", p.num_layers, 1, None), ("parallel.num_heads", p.num_heads, 1, None),
         ("parallel.ffn_dim", p.ffn_dim, 1, None), ("cascaded.num_keywords", c.num_keywords, 1, 75),
-        ("cascaded.num_heads", c.num_heads, 1, None), ("cascaded.ffn_dim", c.ffn_dim, 1, None),
+        ("cascaded.num_heads", c.num_heads, 1, None), ("cascaded.num_layers", c.num_layers, 1, None),
+        ("cascaded.ffn_dim", c.ffn_dim, 1, None),
         ("cascaded.keywords_shown", c.keywords_shown, 1, None), ("cif.max_keywords", f.max_keywords, 1, 75),
         ("cif.conv_width", f.conv_width, 1, None), ("cif.conv_layers", f.conv_layers, 1, None),
         ("cif.scaling_steps", f.scaling_steps, -1, None),
@@ -195,6 +197,9 @@ def _check_ranges(config: SpeechCLIPConfig) -> None:
         _check_float(name, value, 0.0, None)
     if c.attention not in ATTENTION_KINDS:
         raise ConfigError(f"cascaded.attention: expected one of {ATTENTION_KINDS}, got {c.attention!r}")
+    if c.num_layers != 1 and c.attention != "transformer":
+        raise ConfigError(f"cascaded.num_layers: {c.num_layers} layers need cascaded.attention=transformer "
+                          f"(the reference's attention layer does not stack)")
     for name, widths in (("parallel.projection_hidden", p.projection_hidden), ("cascaded.projection_hidden", c.projection_hidden)):
         if not isinstance(widths, list) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
             raise ConfigError(f"{name}: expected a list of widths >= 1, got {widths!r}")
