@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from ..quiet import quiet_libraries
 from ..train.config import run_config_from_dict
 from ..train.run import fit
+from .memory import return_large_blocks_on_free
 
 
 def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
@@ -33,6 +34,7 @@ def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
 def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
     """bars=False: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
+    return_large_blocks_on_free()
     # the demo owns its run folders: a run it decided to train again replaces the old one
     summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)],
                   overwrite=True)
