@@ -27,8 +27,9 @@ def return_large_blocks_on_free(threshold: int = MiB) -> bool:
     Why: glibc keeps freed blocks below its mmap threshold in the heap for reuse, and raises that threshold
     itself (up to 32 MiB) each time a larger block is freed; the two-layer head's attention buffers, whose
     size follows each batch's longest clip, then pile up in the heap. One demo run over 40 steps peaked at
-    1.47 GiB and at 0.92 GiB with a fixed 1 MiB threshold (RESULTS.md, stop 25). The numbers computed are the
-    same; only where the memory comes from changes. False where the C library is not glibc."""
+    1.47 GiB and at 0.92 GiB with a fixed 1 MiB threshold, the demo's SpeechCLIP stage at 2.1 against 5.8 GiB
+    (RESULTS.md, stop 25). The numbers computed are the same. The price is time: every large buffer is fresh
+    pages from the kernel (that stage 1,108 s against 802 s). False where the C library is not glibc."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
