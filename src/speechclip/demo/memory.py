@@ -21,15 +21,17 @@ MiB = 1 << 20
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
-def return_large_blocks_on_free(threshold: int = MiB) -> bool:
+def return_large_blocks_on_free(threshold: int = 8 * MiB) -> bool:
     """Have glibc's malloc hand every block of `threshold` bytes or more back to the system when freed.
 
     Why: glibc keeps freed blocks below its mmap threshold in the heap for reuse, and raises that threshold
     itself (up to 32 MiB) each time a larger block is freed; the two-layer head's attention buffers, whose
-    size follows each batch's longest clip, then pile up in the heap. One demo run over 40 steps peaked at
-    1.47 GiB and at 0.92 GiB with a fixed 1 MiB threshold, the demo's SpeechCLIP stage at 2.1 against 5.8 GiB
-    (RESULTS.md, stop 25). The numbers computed are the same. The price is time: every large buffer is fresh
-    pages from the kernel (that stage 1,108 s against 802 s). False where the C library is not glibc."""
+    size follows each batch's longest clip, then pile up in the heap (the demo's SpeechCLIP stage peaked at
+    5.8 GiB with glibc's default, 2.1 GiB with a fixed 1 MiB threshold; RESULTS.md, stop 25). The numbers
+    computed are the same. The price is time: every block above the threshold is fresh pages from the
+    kernel. 8 MiB keeps most of the saving for a fraction of 1 MiB's cost (one run over 150 steps: 1.76 GiB
+    and 127 s by default, 1.00 GiB and 177-192 s at 1 MiB, 1.25 GiB and 141 s at 8 MiB; RESULTS.md).
+    False where the C library is not glibc."""
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
