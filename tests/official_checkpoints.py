@@ -55,6 +55,7 @@ class Case:
     conv_layers: int = 1
     weights: tuple[float, float] = (1.0, 1.0)  # (parallel, cascaded) objective weights of the hybrids
     data_normalize: bool = False  # SpeechCLIP+ Base: data.dataset.normalize_waveform
+    encoder_layers: int = 1  # transformer_args.n_layers of a TransformerEncoder keyword encoder (1 in every release)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,6 +71,8 @@ CASES = [
     Case("plus-large-coco-cascaded+", "cascaded_plus", large=True, heads=8, kw_mlp=True, conv_width=5, conv_layers=2),
     Case("plus-base-hybrid+", "hybrid_plus", data_normalize=True),
     Case("plus-large-flickr-hybrid+", "hybrid_plus", large=True, heads=8, kw_mlp=True, weights=(0.5, 1.5)),
+    # not released: the layout a user's own run of the reference with transformer_args.n_layers=2 saves
+    Case("two-layer-hybrid", "hybrid", large=True, attention="TransformerEncoder", heads=4, kw_mlp=True, encoder_layers=2),
 ]
 
 
@@ -123,7 +126,8 @@ def official_heads(case: Case, sizes: Sizes = Sizes(), seed: int = 0) -> dict[st
     c = "cascaded_branch."
     state[c + "vector_quantizer.curr_temp"] = torch.tensor([0.1])
     if case.attention == "TransformerEncoder":
-        state.update(_encoder_layer(g, c + "self_att.model.layers.0.", w, sizes.ffn))
+        for n in range(case.encoder_layers):
+            state.update(_encoder_layer(g, c + f"self_att.model.layers.{n}.", w, sizes.ffn))
         state.update(_norm(g, c + "self_att.model.norm.", w))
     else:
         state.update(_mha(g, c + "self_att.multihead_attn_layer.", w))
@@ -163,7 +167,7 @@ def official_checkpoint(case: Case, seed: int = 0) -> tuple[dict[str, Tensor], d
 
 
 def _config(case: Case, trainable_temperature: bool) -> dict:
-    attention_args = {"type": case.attention, "n_layers": 1, "d_model": WIDTH, "nhead": case.heads, "dim_feedforward": 256,
+    attention_args = {"type": case.attention, "n_layers": case.encoder_layers, "d_model": WIDTH, "nhead": case.heads, "dim_feedforward": 256,
                       "dropout": 0.1, "activation": "gelu", "layer_norm_eps": 1e-5, "batch_first": True, "norm_first": False}
     keyword = {"number": KEYWORDS, "detokenized_K_neighbors": 5, "batchnorms": {"type": "eachKw", "std_scale": 1.0, "learnable": True, "parallel": True}}
     if case.kw_mlp:
@@ -172,7 +176,7 @@ def _config(case: Case, trainable_temperature: bool) -> dict:
               "cascaded_plus": "CascadedBranch_dynamic", "hybrid_plus": "HybridBranch_dynamic"}
     weights = {"parallel": (1.0, 0.0), "cascaded": (0.0, 1.0)}.get(case.variant, case.weights)
     parallel_branch = {"transformer_type": "TransformerEncoder", "need_projection": True,
-                       "transformer_args": {**attention_args, "type": "TransformerEncoder", "nhead": 4}}
+                       "transformer_args": {**attention_args, "type": "TransformerEncoder", "nhead": 4, "n_layers": 1}}
     if case.parallel_mlp:
         parallel_branch["projection_config"] = {"dropout": 0.1, "dimensions": [WIDTH, 96, CLIP_WIDTH]}
     return {

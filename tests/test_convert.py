@@ -76,6 +76,8 @@ def test_settings_carried_over(converted):
     coco = converted["plus-large-coco-cascaded+"][3].config
     assert (coco.cif.conv_width, coco.cif.conv_layers, coco.cascaded.projection_hidden) == (5, 2, [96])
     assert converted["plus-base-hybrid"][3].config.normalize_waveform  # SpeechCLIP+ Base normalises in its dataset
+    two = converted["two-layer-hybrid"][3].config.cascaded
+    assert (two.attention, two.num_layers, two.num_heads) == ("transformer", 2, 4)
 
 
 def test_converted_folder_is_self_contained(converted, tmp_path):
@@ -108,6 +110,17 @@ def test_a_wrong_shape_is_named(tmp_path):
     path = save_official_checkpoint(tmp_path / "bad.ckpt", state, config)
     with pytest.raises(ConversionError, match=r"bad.ckpt: head.keywords.projection.weight: shape \(7, 128\)"):
         convert_checkpoint(path, tmp_path / "out")
+
+
+def test_layers_that_disagree_with_n_layers_are_named(tmp_path):
+    two = next(case for case in CASES if case.name == "two-layer-hybrid")
+    state, config = official_checkpoint(two)
+    config["model_settings"]["cascaded_branch"]["transformer_args"]["n_layers"] = 3
+    path = save_official_checkpoint(tmp_path / "three.ckpt", state, config)
+    with pytest.raises(ConversionError, match=r"three.ckpt: transformer_args.n_layers is 3 but the checkpoint holds 2 "
+                                              r"layers under cascaded_branch.self_att.model.layers"):
+        convert_checkpoint(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 class Evil:

@@ -32,7 +32,7 @@ HEAD_RULES: tuple[Rule, ...] = (
     Rule(r"cascaded_branch\.(cls|parallel_cls|cascaded_cls)", r"head.\1"),
     Rule(r"cascaded_branch\.self_att\.multihead_attn_layer\.(.+)", r"head.attention.attention.\1"),
     Rule(r"cascaded_branch\.self_att\.attentionBlock_Norm\.(weight|bias)", r"head.attention.norm.\1"),
-    Rule(r"cascaded_branch\.self_att\.model\.(layers\.0\..+|norm\.(?:weight|bias))", r"head.attention.encoder.\1"),
+    Rule(r"cascaded_branch\.self_att\.model\.(layers\.\d+\..+|norm\.(?:weight|bias))", r"head.attention.encoder.\1"),
     Rule(r"cascaded_branch\.parallel_proj\.(?:sequential\.)?(\d+\.(?:weight|bias)|weight|bias)", r"head.projection.\1"),
     Rule(r"cascaded_branch\.linear_proj\.(?:sequential\.)?(\d+\.(?:weight|bias)|weight|bias)", r"head.keywords.projection.\1"),
     # one BatchNorm over K*D channels in the order d*K + k (fixed K), or over D (CIF): our KeywordNorm as it is
@@ -78,8 +78,8 @@ def _parallel(settings: Mapping, state: Mapping[str, Tensor], source: str) -> di
     kind = args.get("type", branch.get("transformer_type"))
     if kind != "TransformerEncoder" or not branch.get("need_projection", True):
         raise ConversionError(f"{source}: parallel branch {kind!r} without projection does not convert")
-    layers = sorted({key.split(".")[4] for key in state if key.startswith("parallel_branch.self_att.model.layers.")})
-    return {"num_layers": len(layers), "num_heads": int(args["nhead"]), "dropout": float(args.get("dropout", 0.1)),
+    layers = encoder_layers(state, "parallel_branch.self_att.model.", args, source)
+    return {"num_layers": layers, "num_heads": int(args["nhead"]), "dropout": float(args.get("dropout", 0.1)),
             "ffn_dim": int(state["parallel_branch.self_att.model.layers.0.linear1.weight"].shape[0]),
             "final_norm": "parallel_branch.self_att.model.norm.weight" in state,
             "projection_hidden": mlp_hidden(state, "parallel_branch.linear_proj", source)}
@@ -89,6 +89,8 @@ def _cascaded(settings: Mapping, state: Mapping[str, Tensor], variant: str, sour
     branch = settings["cascaded_branch"]
     args = branch["transformer_args"]
     values = attention_settings(args, args.get("type", branch.get("transformer_type")), source)
+    if values["attention"] == "transformer":
+        values["num_layers"] = encoder_layers(state, "cascaded_branch.self_att.model.", args, source)
     vq = branch.get("vq", {})
     if vq.get("type", "SimpleVectorQuantizer") != "SimpleVectorQuantizer":
         raise ConversionError(f"{source}: vector quantizer {vq.get('type')!r} does not convert")
@@ -102,6 +104,17 @@ def _cascaded(settings: Mapping, state: Mapping[str, Tensor], variant: str, sour
         cls = state["cascaded_branch.cls" if variant == "cascaded" else "cascaded_branch.cascaded_cls"]
         values["num_keywords"] = int(cls.shape[1])
     return values
+
+
+def encoder_layers(state: Mapping[str, Tensor], prefix: str, args: Mapping, source: str) -> int:
+    """How many nn.TransformerEncoder layers the state holds under `prefix`; it must be what the config says."""
+    layers = {int(key[len(prefix):].split(".")[1]) for key in state if key.startswith(prefix + "layers.")}
+    if layers != set(range(len(layers))) or not layers:
+        raise ConversionError(f"{source}: {prefix}layers.*: layers {sorted(layers)} are not 0..n-1")
+    if int(args.get("n_layers", len(layers))) != len(layers):
+        raise ConversionError(f"{source}: transformer_args.n_layers is {args['n_layers']} but the checkpoint holds "
+                              f"{len(layers)} layers under {prefix}layers")
+    return len(layers)
 
 
 def _cif(settings: Mapping, state: Mapping[str, Tensor], source: str) -> dict:

@@ -98,8 +98,6 @@ def attention_settings(args: Mapping, kind: str, source: str) -> dict:
         raise ConversionError(f"{source}: transformer type {kind!r} does not convert (expected {sorted(kinds)})")
     values = {"attention": kinds[kind], "num_heads": int(args.get("nhead", 1)), "dropout": float(args.get("dropout", 0.1))}
     if kinds[kind] == "transformer":
-        if int(args.get("n_layers", 1)) != 1:
-            raise ConversionError(f"{source}: a {args.get('n_layers')}-layer keyword encoder does not convert")
         values["ffn_dim"] = int(args.get("dim_feedforward", 3072))
     return values
 

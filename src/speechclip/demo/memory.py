@@ -18,22 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MiB = 1 << 20
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 
 
-def return_large_blocks_on_free(threshold: int = 8 * MiB) -> bool:
-    """Have glibc's malloc hand every block of `threshold` bytes or more back to the system when freed.
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim(0)`); False where the C library is
+    not glibc.
 
-    Why: glibc keeps freed blocks below its mmap threshold in the heap for reuse, and raises that threshold
-    itself (up to 32 MiB) each time a larger block is freed; the two-layer head's attention buffers, whose
-    size follows each batch's longest clip, then pile up in the heap (the demo's SpeechCLIP stage peaked at
-    5.8 GiB with glibc's default, 2.1 GiB with a fixed 1 MiB threshold; RESULTS.md, stop 25). The numbers
-    computed are the same. The price is time: every block above the threshold is fresh pages from the
-    kernel. 8 MiB keeps most of the saving for a fraction of 1 MiB's cost (one run over 150 steps: 1.76 GiB
-    and 127 s by default, 1.00 GiB and 177-192 s at 1 MiB, 1.25 GiB and 141 s at 8 MiB; RESULTS.md).
-    False where the C library is not glibc."""
+    Why: glibc keeps freed blocks in its heap for reuse, and a training step's buffers, whose sizes follow
+    each batch's longest clip, leave it ever more fragmented: one demo run grew to 2.33 GiB over 300 steps and
+    kept growing (the demo's SpeechCLIP stage: 7.5 GiB for its whole tree). Trimming every few steps keeps
+    the run at what a step needs (1.67 GiB every 3 steps) for about a fifth more time: freed pages come back
+    as page faults. The numbers computed are the same. Measured against the alternatives (glibc's mmap
+    threshold at 1 or 8 MiB, jemalloc) in benchmarks/RESULTS.md, stop 26."""
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold))
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

@@ -35,7 +35,7 @@ from ..model import SpeechCLIP
 from ..pretrain.mini_clip import pretrain_mini_clip
 from ..pretrain.mini_hubert import hubert_config, pretrain_mini_hubert
 from ..train.state_cache import state_caches_folder
-from .memory import MiB, TreeSampler, check_resources, folder_bytes
+from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_free_memory
 from .report import format_demo_table, write_pictures
 from .spec import DemoSpec, speechclip_config
 from .train import train_all
@@ -65,6 +65,7 @@ class Stages:
         yield
         self.seconds[name] = round(time.perf_counter() - started, 1)
         peak = self.memory.mark()
+        release_free_memory()  # what the stage freed, for the next (a pre-training leaves a fragmented heap)
         self.peak_mib[name] = round(peak.pss / MiB)
         memory = f", peak memory {peak.pss / GiB:.1f} GiB ({peak.processes} processes)" if self.memory.available else ""
         print(f"[demo] {name}: {self.seconds[name]:.1f} s{memory}", flush=True)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from ..quiet import quiet_libraries
 from ..train.config import run_config_from_dict
 from ..train.run import fit
-from .memory import return_large_blocks_on_free
+from .memory import release_free_memory
 
 
 def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
@@ -34,12 +34,22 @@ def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
 def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
     """bars=False: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
-    return_large_blocks_on_free()
+    callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)])
     # the demo owns its run folders: a run it decided to train again replaces the old one
-    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=() if bars else [StepLines(name)],
-                  overwrite=True)
+    summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=callbacks, overwrite=True)
     (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
     return {**summary, "reused": False}
+
+
+class ReleaseFreeMemory(Callback):
+    """Trims the heap every `every` steps (memory.release_free_memory): the runs stay at what a step needs."""
+
+    def __init__(self, every: int = 3):
+        self.every = every
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every == 0:
+            release_free_memory()
 
 
 class StepLines(Callback):
