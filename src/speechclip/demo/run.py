@@ -41,8 +41,8 @@ from .spec import DemoSpec, speechclip_config
 from .train import train_all
 
 GiB = 1 << 30
-# What a full build needs: the process tree's peak PSS with room to spare (measured 2.8 GiB from nothing,
-# RESULTS.md "demo stages"; benchmarks/demo_memory.py), and the folder's size when finished (corpus, encoders,
+# What a full build needs: the process tree's peak PSS with room to spare (measured 4.3 GiB from nothing,
+# RESULTS.md "demo stages", stop 26; benchmarks/demo_memory.py), and the folder's size when finished (corpus, encoders,
 # state caches, runs).
 FULL_BUILD_MEMORY, FULL_BUILD_DISK = 6 * GiB, 5 * GiB
 QUICK_BUILD_MEMORY, QUICK_BUILD_DISK = 2 * GiB, GiB // 4
