@@ -7,13 +7,14 @@ the encoder prefixes, every key of a released checkpoint is either converted or 
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
 from .errors import ConversionError
-from .names import Rule, apply_name_table
+from .names import Rule, apply_name_table, layer_indices
 from .official import (attention_settings, get, mlp_hidden, official_variant, temperature_settings, upstream_settings,
                        vq_temperature)
 
@@ -108,9 +109,9 @@ def _cascaded(settings: Mapping, state: Mapping[str, Tensor], variant: str, sour
 
 def encoder_layers(state: Mapping[str, Tensor], prefix: str, args: Mapping, source: str) -> int:
     """How many nn.TransformerEncoder layers the state holds under `prefix`; it must be what the config says."""
-    layers = {int(key[len(prefix):].split(".")[1]) for key in state if key.startswith(prefix + "layers.")}
-    if layers != set(range(len(layers))) or not layers:
-        raise ConversionError(f"{source}: {prefix}layers.*: layers {sorted(layers)} are not 0..n-1")
+    layers = layer_indices(state, re.escape(prefix) + r"layers\.(\d+)\..+")
+    if not layers or layers != list(range(len(layers))):
+        raise ConversionError(f"{source}: {prefix}layers.*: layers {layers} are not 0..n-1")
     if int(args.get("n_layers", len(layers))) != len(layers):
         raise ConversionError(f"{source}: transformer_args.n_layers is {args['n_layers']} but the checkpoint holds "
                               f"{len(layers)} layers under {prefix}layers")
