@@ -37,6 +37,12 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         assert (tmp_path / "pictures" / picture).stat().st_size > 1000
     assert "mini CLIP text -> image" in printed and "zero-shot" in printed and "random upstream" in printed
     assert "SpeechCLIP+" in printed and "keywords per utterance" in printed and "peak memory" in printed
+    # the control trains fewer steps; both runs' validation at its last step is in the table
+    assert results["training"]["random"]["global_step"] == 2 and results["training"]["pretrained"]["global_step"] == 4
+    same_step = results["control_step"]
+    assert same_step["step"] == 2 and set(same_step["speech_to_image_r1"]) == {"pretrained", "random"}
+    assert "control: random upstream (2 steps)" in printed and "(after 4 vs 2 steps)" in printed
+    assert f"at the same step (2), validation split: {100 * same_step['speech_to_image_r1']['pretrained']:.1f}" in printed
     # a second run reuses the corpus and both encoders
     main(["demo", "--quick", "--out", str(tmp_path)])
     again = json.loads((tmp_path / "results.json").read_text())
@@ -98,6 +104,33 @@ def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tin
         torch.set_num_threads(threads)
     assert "[demo] broken: failed" in capsys.readouterr().out
     assert (tmp_path / "good" / "final" / "model.safetensors").is_file() and (tmp_path / "good" / "demo_run.json").is_file()
+
+
+def test_the_longer_of_two_runs_takes_every_thread_at_a_fixed_step():
+    """The demo's control ends at step 275 of the pretrained run's 1,100: the pretrained run takes both threads
+    from a step fixed in advance (a clock-timed switch would make the model depend on the machine's load)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from speechclip.demo.train import TakeThreads, takeover_step
+
+    job = lambda steps: ({"train": {"max_steps": steps}}, {}, None)  # noqa: E731
+    assert takeover_step({"pretrained": job(1100), "random": job(275)}) == ("pretrained", 302)
+    assert takeover_step({"random": job(50), "pretrained": job(400)}) == ("pretrained", 60)
+    assert takeover_step({"a": job(1100), "b": job(1100)}) is None  # equal: both end together
+    assert takeover_step({"a": job(100), "b": job(105)}) is None  # the longer ends before the switch
+    assert takeover_step({"a": job(1100), "b": job(275), "c": job(4400)}) is None  # a third waits for a free worker
+    threads = torch.get_num_threads()
+    callback = TakeThreads(302, threads + 1, "pretrained")
+    try:
+        torch.set_num_threads(threads)
+        callback.on_train_batch_end(SimpleNamespace(global_step=301), None, None, None, 0)
+        assert torch.get_num_threads() == threads
+        callback.on_train_batch_end(SimpleNamespace(global_step=302), None, None, None, 0)
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_pretraining_marker_cut_short_means_build_again(tmp_path):

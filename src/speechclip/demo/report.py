@@ -7,19 +7,24 @@ import json
 from pathlib import Path
 
 
+LABEL = 53  # the longest row name: "control: random upstream (275 steps), speech -> image"
+
+
 def _row(name: str, values: dict, ks=(1, 5, 10)) -> str:
     recall, chance = values["recall"], values["chance"]
     cells = " ".join(f"{100 * recall[k]:6.1f}" if k in recall else "     -" for k in ks)
-    return f"  {name:<42}{cells}   {100 * chance[1]:5.1f}"
+    return f"  {name:<{LABEL}}{cells}   {100 * chance[1]:5.1f}"
 
 
 def format_demo_table(results: dict) -> str:
     test, pre, rnd = results["test"], results["pretrained"], results["random"]
     ceiling = results["clip_text_to_image"]
+    steps = {name: (results.get("training") or {}).get(name, {}).get("global_step") for name in ("pretrained", "random")}
+    control = "control: random upstream" + (f" ({steps['random']} steps)" if steps["random"] else "")
     lines = [
         f"SpeechCLIP offline demo: test split of {test['images']} unseen images, {test['captions']} spoken captions, "
         f"{test['speakers']} unseen speakers",
-        f"  {'(percent)':<42}{'R@1':>6} {'R@5':>6} {'R@10':>6}   chance R@1",
+        f"  {'(percent)':<{LABEL}}{'R@1':>6} {'R@5':>6} {'R@10':>6}   chance R@1",
         _row("speech -> image   (parallel)", pre["parallel"]["speech_to_image"]),
         _row("image -> speech   (parallel)", pre["parallel"]["image_to_speech"]),
         _row("speech -> text    zero-shot (parallel)", pre["parallel"]["speech_to_text"]),
@@ -27,8 +32,8 @@ def format_demo_table(results: dict) -> str:
         _row("speech -> image   (cascaded)", pre["cascaded"]["speech_to_image"]),
         _row("speech -> text    zero-shot (cascaded)", pre["cascaded"]["speech_to_text"]),
         _row("mini CLIP text -> image (the ceiling)", ceiling),
-        _row("control: random upstream, speech -> image", rnd["parallel"]["speech_to_image"]),
-        _row("control: random upstream, speech -> text", rnd["parallel"]["speech_to_text"]),
+        _row(f"{control}, speech -> image", rnd["parallel"]["speech_to_image"]),
+        _row(f"{control}, speech -> text", rnd["parallel"]["speech_to_text"]),
     ]
     kw = pre["keywords"]
     lines.append(f"  keyword hit rate (cascaded): {100 * kw['hit_rate']:.1f}%  (chance {100 * kw['chance']:.1f}%; "
@@ -52,7 +57,9 @@ def format_demo_table(results: dict) -> str:
     lines += [
         f"    zero-shot speech->text R@1 / chance = {times_chance:.1f}x  (goal >= 10x: {verdict(times_chance >= 10)})",
         f"    pre-trained vs random upstream speech->image R@1: {100 * s2i:.1f} vs "
-        f"{100 * rnd['parallel']['speech_to_image']['recall'][1]:.1f}",
+        f"{100 * rnd['parallel']['speech_to_image']['recall'][1]:.1f}" + (f" (after {steps['pretrained']} vs {steps['random']} steps)"
+                                                                         if steps["random"] != steps["pretrained"] else ""),
+        *_same_step_line(results.get("control_step")),
         f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items()) + ")",
     ]
     peaks = results.get("stage_peak_memory_mib")
@@ -60,6 +67,15 @@ def format_demo_table(results: dict) -> str:
         lines.append(f"  peak memory of the process tree: {results['peak_memory_mib'] / 1024:.1f} GiB  ("
                      + ", ".join(f"{k.split('.')[0]}:{v / 1024:.1f}" for k, v in peaks.items()) + " GiB)")
     return "\n".join(lines)
+
+
+def _same_step_line(control_step: dict | None) -> list[str]:
+    """The two runs at the control's last step, on the validation split (run.same_step_validation)."""
+    recall = (control_step or {}).get("speech_to_image_r1", {})
+    if set(recall) != {"pretrained", "random"}:
+        return []
+    return [f"      at the same step ({control_step['step']}), validation split: {100 * recall['pretrained']:.1f} vs "
+            f"{100 * recall['random']:.1f}"]
 
 
 def _plus_lines(plus: dict) -> list[str]:

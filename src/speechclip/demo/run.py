@@ -34,6 +34,7 @@ from ..mini_encoders import save_mini_speech
 from ..model import SpeechCLIP
 from ..pretrain.mini_clip import pretrain_mini_clip
 from ..pretrain.mini_hubert import hubert_config, pretrain_mini_hubert
+from ..train.resume import metrics_history
 from ..train.state_cache import state_caches_folder
 from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_free_memory
 from .report import format_demo_table, write_pictures
@@ -143,21 +144,36 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
     del train_items, pairs
     with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
         specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
-        config = lambda folder, variant="hybrid": speechclip_config(  # noqa: E731
-            spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant)
+        config = lambda folder, variant="hybrid", steps=None: speechclip_config(  # noqa: E731
+            spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant, steps)
         jobs = {"pretrained": (config("hubert"), specs, out / "runs" / "pretrained"),
-                "random": (config("hubert-random"), specs, out / "runs" / "random")}
+                "random": (config("hubert-random", steps=spec.control_steps), specs, out / "runs" / "random")}
         if plus:
             jobs["plus"] = (config("hubert", "hybrid_plus"), specs, out / "runs" / "plus")
         runs = train_all(jobs, retrain)
     with stage("4. evaluate on the test split"):
         results = _evaluate(out, corpus_dir, encoders / "clip", list(jobs), spec.corpus.test_folds)
+        results["control_step"] = same_step_validation(out / "runs", spec.control_steps)
     with stage("5. pictures"):
         write_pictures(out, results, clip_log, hubert_log)
     results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
                    total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results
+
+
+def same_step_validation(runs: Path, step: int) -> dict:
+    """Validation speech->image R@1 of the pretrained run and the control at the control's last step: the
+    control trained a quarter as long, so the test table alone would compare unequal trainings. The control
+    has annealed its learning rate by then and the pretrained run has not: the comparison favours the control."""
+    recall = {}
+    for name in ("pretrained", "random"):
+        # Lightning logs global step N as step N-1
+        rows = [row for row in metrics_history(runs / name / "logs" / "metrics.csv", step) if row["step"] == step - 1]
+        values = [row["val/speech_to_image_r1"] for row in rows if "val/speech_to_image_r1" in row]
+        if values:
+            recall[name] = values[-1]
+    return {"step": step, "speech_to_image_r1": recall}
 
 
 def _random_upstream(folder: Path, spec: DemoSpec) -> dict:

@@ -25,6 +25,11 @@ class DemoSpec:
     # costs twice as much; 2,200 steps of two layers gave 0.885 / 0.911 for twice the time (RESULTS.md
     # "demo stages", stop 25).
     speechclip_steps: int = 1100
+    # The control (the same head on a random frozen upstream) trains a quarter as long, since it only has to show
+    # that a random upstream leaves the head next to nothing to read (3.0 % speech->image R@1 after 1,100 steps
+    # at stop 26): its 825 steps were a fifth of the demo's work. Both runs validate at step 275, where the
+    # table compares them at the same step; from just after it, the pretrained run takes both threads (train.py).
+    control_steps: int = 275
     batch_size: int = 128
     plus_steps: int = 4400  # hybrid_plus (--plus): the length, batch and one shared layer its figures were measured at (README)
     plus_batch_size: int = 64
@@ -58,13 +63,17 @@ class DemoSpec:
                    clip=MiniCLIPSpec(width=32, layers=1, heads=2, vocab_size=300, steps=5, batch_size=16, projection_dim=32),
                    hubert=MiniHubertSpec(width=32, layers=1, heads=2, clusters=8, steps=3, batch_size=4,
                                          conv_dims=(16,) * 5),
-                   speechclip_steps=4, plus_steps=4, batch_size=8, plus_batch_size=8, num_keywords=2, num_heads=2, plus_max_keywords=8, ffn_dim=64,
+                   speechclip_steps=4, control_steps=2, plus_steps=4, batch_size=8, plus_batch_size=8, num_keywords=2, num_heads=2, plus_max_keywords=8, ffn_dim=64,
                    projection_hidden=(64,))
 
 
-def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path, variant: str = "hybrid") -> dict:
-    """The run configuration of one demo SpeechCLIP run (hybrid, or hybrid_plus for the SpeechCLIP+ line)."""
+def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path, variant: str = "hybrid",
+                      max_steps: int | None = None) -> dict:
+    """The run configuration of one demo SpeechCLIP run (hybrid, or hybrid_plus for the SpeechCLIP+ line).
+    max_steps: a shorter run (the control), validated and checkpointed at the same steps as the full one."""
     steps, batch_size = (spec.speechclip_steps, spec.batch_size) if variant == "hybrid" else (spec.plus_steps, spec.plus_batch_size)
+    every = max(1, steps // 4)
+    steps = max_steps or steps
     model: dict = {"upstream": str(upstream), "clip": str(clip), "variant": variant,
                    "parallel": {"projection_hidden": list(spec.projection_hidden)}}
     shared = {"num_heads": spec.num_heads, "attention": spec.shared_layer, "ffn_dim": spec.ffn_dim}
@@ -80,8 +89,8 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
         "model": model,
         "data": {"kind": "manifest", "root": str(corpus)},
         "train": {"batch_size": batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
-                  "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": max(1, steps // 4),
-                  "checkpoint_every_steps": max(1, steps // 4), "num_workers": 0, "cache_dir": str(cache),
+                  "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": every,
+                  "checkpoint_every_steps": every, "num_workers": 0, "cache_dir": str(cache),
                   "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
                   "precision": "bf16-mixed" if cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
     }

@@ -31,10 +31,11 @@ def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
     return None
 
 
-def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
-    """bars=False: step lines instead of progress bars."""
+def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True,
+              take_threads: tuple[int, int] | None = None) -> dict:
+    """bars=False: step lines instead of progress bars; take_threads: (step, threads) from which to use more threads."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
-    callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)])
+    callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)]) + ([TakeThreads(*take_threads, name)] if take_threads else [])
     # the demo owns its run folders: a run it decided to train again replaces the old one
     summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=callbacks, overwrite=True)
     (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
@@ -52,6 +53,20 @@ class ReleaseFreeMemory(Callback):
             release_free_memory()
 
 
+class TakeThreads(Callback):
+    """From a fixed step on, use `threads` threads: the step at which a shorter run beside this one has ended.
+    A fixed step, not the moment the other run ends: thread counts change a step's rounding, so a switch timed
+    by the clock would make the model depend on the machine's load."""
+
+    def __init__(self, step: int, threads: int, name: str):
+        self.step, self.threads, self.name = step, threads, name
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+            print(f"[demo] {self.name}: {self.threads} threads from step {trainer.global_step}", flush=True)
+
+
 class StepLines(Callback):
     """A line every tenth of training: runs sharing a terminal cannot share progress bars."""
 
@@ -67,10 +82,22 @@ class StepLines(Callback):
                   f"{time.perf_counter() - self.started:.0f} s", flush=True)
 
 
-def _train_in_process(threads: int, *job) -> dict:
+def _train_in_process(threads: int, take_threads: tuple[int, int] | None, *job) -> dict:
     quiet_libraries()
     torch.set_num_threads(threads)
-    return train_one(*job, bars=False)
+    return train_one(*job, bars=False, take_threads=take_threads)
+
+
+def takeover_step(jobs: dict[str, tuple]) -> tuple[str, int] | None:
+    """Two runs side by side of unequal length: the longer one, and the step after which it runs alone (the
+    shorter one's steps and a tenth more, for its cache, last validation and save; no sooner, or three
+    threads would share two cores)."""
+    if len(jobs) != 2:
+        return None
+    (short, short_steps), (long, long_steps) = sorted(((name, job[0]["train"]["max_steps"]) for name, job in jobs.items()),
+                                                      key=lambda pair: pair[1])
+    step = short_steps + max(10, short_steps // 10)
+    return (long, step) if step < long_steps else None
 
 
 def train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
@@ -78,7 +105,8 @@ def train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
     spawned processes of one thread each, as many at once as there are threads (the rest queue, in order).
     Why: the head's small matmuls use extra threads poorly. On 2 cores a head step took 31 ms with 2 threads
     and 49 ms with 1, also while a second 1-thread process ran (benchmarks/demo_threads.py); the two demo
-    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md).
+    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md). Of two runs
+    of unequal length, the longer takes every thread once the shorter has ended (`takeover_step`).
     With one thread or on a GPU they run one after the other in this process."""
     runs = {name: None if retrain else finished_run(*job) for name, job in jobs.items()}
     todo = {name: job for name, job in jobs.items() if runs[name] is None}
@@ -88,8 +116,10 @@ def train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
         return runs
     failure = None
     workers = min(len(todo), threads)
+    takeover = takeover_step(todo)
+    take = lambda name: (takeover[1], threads) if takeover and takeover[0] == name else None  # noqa: E731
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_in_process, threads // workers, *job, name): name for name, job in todo.items()}
+        futures = {pool.submit(_train_in_process, threads // workers, take(name), *job, name): name for name, job in todo.items()}
         for future in as_completed(futures):
             try:
                 runs[futures[future]] = future.result()
