@@ -21,6 +21,7 @@ SCRIPTS = {
     "train_step": ["train_step.py"],
     "pretrain_step": ["pretrain_step.py"],
     "demo_threads": ["demo_threads.py"],  # needs a finished `speechclip demo` in runs/demo
+    "demo_trim": ["demo_trim.py"],  # the same
     "synthesis_workers": ["synthesis_workers.py"],
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],

@@ -26,11 +26,11 @@ def release_free_memory() -> bool:
 
     Why: glibc keeps freed blocks in its heap for reuse, and a training step's buffers, whose sizes follow
     each batch's longest clip, leave it ever more fragmented: one demo run grew to 2.33 GiB over 300 steps and
-    kept growing (the demo's SpeechCLIP stage: 7.5 GiB for its whole tree). Trimming every 30 steps keeps
-    the run near what a step needs (1.9-2.0 GB largest RSS over 220 steps against 1.8 every 3 steps) at the
-    speed of no trimming; every 3 steps cost 27 % more time (freed pages come back as page faults). The
-    numbers computed are the same. Measured against the alternatives (glibc's mmap threshold at 1 or 8 MiB,
-    jemalloc) in benchmarks/RESULTS.md, stops 26 and 27."""
+    kept growing (the demo's SpeechCLIP stage: 7.5 GiB for its whole tree). Trimming every 3 steps keeps the
+    runs at what a step needs (4.3 GiB for the stage) for up to a third more time a step: freed pages come back
+    as page faults (every 30 steps: the stage reached 6.0 GiB). The numbers computed are the same. Measured
+    against the alternatives (glibc's mmap threshold at 1 or 8 MiB, jemalloc) in benchmarks/RESULTS.md, stops
+    26 and 27; the intervals with benchmarks/demo_trim.py."""
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):

@@ -43,11 +43,11 @@ def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool
 
 
 class ReleaseFreeMemory(Callback):
-    """Trims the heap every `every` steps (memory.release_free_memory): the runs stay near what a step needs.
-    Every 30 steps, not 3: two runs side by side took 0.38 s a step against 0.48 (one thread each), one run
-    with two threads 0.25 against 0.34 (RESULTS.md "demo stages", stop 27)."""
+    """Trims the heap every `every` steps (memory.release_free_memory): the runs stay at what a step needs.
+    Every 30 steps made a step up to a quarter faster (benchmarks/demo_trim.py) but let the demo's SpeechCLIP
+    stage reach 6.0 GiB against 4.3 (RESULTS.md "demo stages", stop 27): the demo keeps 3."""
 
-    def __init__(self, every: int = 30):
+    def __init__(self, every: int = 3):
         self.every = every
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:

@@ -1,0 +1,94 @@
+"""What trimming the heap costs the demo's SpeechCLIP runs: seconds per step and peak memory, by how often.
+
+Trains the demo's hybrid run (its own settings, on a finished build's encoders, corpus and state caches) for
+--steps steps in fresh processes, once per trimming interval (`demo.train.ReleaseFreeMemory(every)`; 0: never),
+in the two set-ups of the demo's stage 3: two 1-thread runs side by side (the pretrained and the control
+upstream, as before step 302) and one run with every thread (the pretrained run after it). Reports seconds
+per step over steps 20..N (loading and the first batches left out), the process's user and system CPU time
+(trimmed pages come back as page faults: system time) and its largest RSS.
+Usage: python benchmarks/demo_trim.py --run runs/demo [--steps 220] [--every 3 30 0]   (after `speechclip demo`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import demo_build_spec, table
+
+
+def worker(run: Path, upstream: str, steps: int, threads: int, every: int, out: Path) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from speechclip.demo.spec import speechclip_config
+    from speechclip.demo.train import ReleaseFreeMemory
+    from speechclip.train.config import run_config_from_dict
+    from speechclip.train.run import fit
+
+    class Clock(Callback):
+        def __init__(self):
+            self.at: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.at[trainer.global_step] = time.perf_counter()
+
+    torch.set_num_threads(threads)
+    spec = demo_build_spec(run)
+    spec.speechclip_steps = steps
+    values = speechclip_config(spec, run / "encoders" / upstream, run / "encoders" / "clip", run / "corpus", run / "cache")
+    values["train"].update(val_every_steps=10**6, checkpoint_every_steps=10**6)  # steps only
+    clock, before = Clock(), resource.getrusage(resource.RUSAGE_SELF)
+    fit(run_config_from_dict(values), out, progress=False, callbacks=[clock] + ([ReleaseFreeMemory(every)] if every else []), overwrite=True)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"s_per_step": (clock.at[steps] - clock.at[20]) / (steps - 20), "user_s": after.ru_utime - before.ru_utime,
+                      "system_s": after.ru_stime - before.ru_stime, "max_rss_mib": after.ru_maxrss / 1024}), flush=True)
+
+
+def measure(args: argparse.Namespace, every: int, runs: list[tuple[str, int]], work: Path) -> list[dict]:
+    """Start one process per (upstream, threads) at once; their figures when all have finished."""
+    processes = [subprocess.Popen([sys.executable, __file__, "--run", str(args.run), "--steps", str(args.steps),
+                                   "--worker", f"{upstream}:{threads}:{every}:{work / f'{every}-{index}'}"],
+                                  stdout=subprocess.PIPE, text=True) for index, (upstream, threads) in enumerate(runs)]
+    return [json.loads(process.communicate()[0].strip().splitlines()[-1]) for process in processes]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--steps", type=int, default=220)
+    parser.add_argument("--every", type=int, nargs="+", default=[3, 30, 0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        upstream, threads, every, out = args.worker.split(":", 3)
+        worker(args.run, upstream, args.steps, int(threads), int(every), Path(out))
+        return
+    threads = torch.get_num_threads()
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for every in args.every:
+            label = f"every {every} steps" if every else "never"
+            pair = measure(args, every, [("hubert", 1), ("hubert-random", 1)], Path(folder))
+            alone = measure(args, every, [("hubert", threads)], Path(folder))
+            rows.append([label, *(f"{r['s_per_step']:.3f}" for r in pair), f"{alone[0]['s_per_step']:.3f}",
+                         " / ".join(f"{r['user_s']:.0f}, {r['system_s']:.0f}" for r in pair + alone),
+                         " / ".join(f"{r['max_rss_mib']:.0f}" for r in pair + alone)])
+            shutil.rmtree(Path(folder), ignore_errors=True)
+            Path(folder).mkdir(exist_ok=True)
+    print(f"demo SpeechCLIP run, {args.steps} steps, s/step over steps 20-{args.steps}; pair: pretrained and control "
+          f"upstream side by side, 1 thread each; alone: the pretrained upstream, {threads} threads")
+    print(table(rows, ("trim", "pair: pretrained", "pair: control", f"alone, {threads} threads",
+                       "CPU s (user, system): pair / alone", "largest RSS MiB: pair / alone")))
+
+
+if __name__ == "__main__":
+    main()
