@@ -5,8 +5,9 @@
 2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
    saved as ordinary Hugging Face folders (reused on the next run);
 3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and, side
-   by side in a second process, the same on a randomly initialised frozen upstream as a control (with
-   --plus, also SpeechCLIP+'s hybrid_plus on the pre-trained upstream);
+   by side in a second process, the same for a quarter of the steps on a randomly initialised frozen upstream
+   as a control, after which the first run takes every thread (with --plus, also SpeechCLIP+'s hybrid_plus on
+   the pre-trained upstream);
 4. evaluate on the test split (unseen images, unseen speakers) and print one table;
 5. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
 Each stage prints its wall time and the peak memory of the whole process tree (`memory.py`).
