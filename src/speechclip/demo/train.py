@@ -92,8 +92,8 @@ def _train_in_process(threads: int, take_threads: tuple[int, int] | None, *job) 
 
 def takeover_step(jobs: dict[str, tuple]) -> tuple[str, int] | None:
     """Two runs side by side of unequal length: the longer one, and the step after which it runs alone (the
-    shorter one's steps and a tenth more, for its cache, last validation and save; no sooner, or three
-    threads would share two cores)."""
+    shorter one's steps and a tenth more, for its last validation and save; no sooner, or three threads
+    would share two cores). Both start together and build their state caches in about the same time."""
     if len(jobs) != 2:
         return None
     (short, short_steps), (long, long_steps) = sorted(((name, job[0]["train"]["max_steps"]) for name, job in jobs.items()),
