@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,8 +81,6 @@ def main() -> None:
             rows.append([label, *(f"{r['s_per_step']:.3f}" for r in pair), f"{alone[0]['s_per_step']:.3f}",
                          " / ".join(f"{r['user_s']:.0f}, {r['system_s']:.0f}" for r in pair + alone),
                          " / ".join(f"{r['max_rss_mib']:.0f}" for r in pair + alone)])
-            shutil.rmtree(Path(folder), ignore_errors=True)
-            Path(folder).mkdir(exist_ok=True)
     print(f"demo SpeechCLIP run, {args.steps} steps, s/step over steps 20-{args.steps}; pair: pretrained and control "
           f"upstream side by side, 1 thread each; alone: the pretrained upstream, {threads} threads")
     print(table(rows, ("trim", "pair: pretrained", "pair: control", f"alone, {threads} threads",
