@@ -55,8 +55,11 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert retrained["pretraining"]["hubert"]["reused"] and not retrained["training"]["pretrained"]["reused"]
     assert {folder.name for folder in caches.iterdir()} == before  # both upstreams' state caches reused, none added
     # another seed: every training run is drawn again (the encoders too), on the same corpus, and the state
-    # caches of the replaced upstreams go (each 1.1 GiB at full size): what is left is this build's own
-    main(["demo", "--quick", "--seed", "1", "--out", str(tmp_path)])
+    # caches of the replaced upstreams go (each 1.1 GiB at full size): what is left is this build's own; in fp32
+    # (--fp32), as on a CPU without bf16 units
+    capsys.readouterr()
+    main(["demo", "--quick", "--seed", "1", "--fp32", "--out", str(tmp_path)])
+    assert "computed in fp32" in capsys.readouterr().out
     after = {folder.name for folder in caches.iterdir()}
     assert after and not before & after
     reseeded = json.loads((tmp_path / "results.json").read_text())
@@ -64,6 +67,9 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert reseeded["pretraining"]["hubert"]["spec"]["seed"] == retrained["pretraining"]["hubert"]["spec"]["seed"] + 1
     assert not reseeded["training"]["pretrained"]["reused"]
     assert reseeded["corpus"] == retrained["corpus"]
+    assert reseeded["arithmetic"] == "fp32" and not reseeded["pretraining"]["hubert"]["spec"]["bf16"]
+    for name in ("pretrained", "random"):
+        assert json.loads((tmp_path / "runs" / name / "demo_run.json").read_text())["config"]["train"]["precision"] == "32-true"
 
 
 def _check_keywords(out, results: dict) -> None:
@@ -150,3 +156,29 @@ def test_a_pretraining_marker_cut_short_means_build_again(tmp_path):
     assert pretrain_once(tmp_path, Spec(), build)["reused"] is True and len(builds) == 1
     assert pretrain_once(tmp_path, Spec(steps=4), build)["reused"] is False and len(builds) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["pretrain.json"]
+
+
+def test_fp32_demo_spec_turns_bf16_off_everywhere(tmp_path):
+    """--fp32: the pre-trainings and both SpeechCLIP runs in fp32, what a CPU without bf16 units computes;
+    the default asks for bf16 wherever the CPU has it."""
+    from speechclip.demo.spec import DemoSpec, speechclip_config
+    from speechclip.pretrain.precision import cpu_has_fast_bf16
+
+    spec = DemoSpec().in_fp32()
+    assert not spec.bf16 and not spec.clip.bf16 and not spec.hubert.bf16
+    assert spec.seeded(2).hubert.bf16 is False  # a draw of an fp32 build stays fp32
+    paths = [tmp_path / name for name in ("hubert", "clip", "corpus", "cache")]
+    assert speechclip_config(spec, *paths)["train"]["precision"] == "32-true"
+    default = speechclip_config(DemoSpec(), *paths)["train"]["precision"]
+    assert default == ("bf16-mixed" if cpu_has_fast_bf16() else "32-true")
+    assert DemoSpec().clip.bf16 and DemoSpec().hubert.bf16
+
+
+def test_the_control_must_end_on_a_validation_step_of_the_pretrained_run():
+    """The table compares both runs at the control's last step: only a step where the pretrained run validated."""
+    from speechclip.demo.spec import DemoSpec
+
+    assert DemoSpec().control_steps == 275 and DemoSpec(control_steps=550).control_steps == 550
+    for steps in (300, 0, 1375):
+        with pytest.raises(ValueError, match=rf"^control_steps={steps}: must be a step at which the pretrained run validates"):
+            DemoSpec(control_steps=steps)

@@ -102,7 +102,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed, plus=args.plus,
-             check=not args.no_check)
+             check=not args.no_check, fp32=args.fp32)
 
 
 def cmd_index(args) -> None:
@@ -160,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--plus", action="store_true",
                       help="also train SpeechCLIP+'s hybrid_plus (CIF keywords) and add its line to the table")
     demo.add_argument("--no-check", action="store_true", help="start even with less free memory or disk than it needs")
+    demo.add_argument("--fp32", action="store_true",
+                      help="compute in fp32 even where the CPU has bf16 units: what a CPU without them (most laptops) "
+                           "gets; with --out elsewhere")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

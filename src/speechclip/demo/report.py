@@ -60,7 +60,8 @@ def format_demo_table(results: dict) -> str:
         f"{100 * rnd['parallel']['speech_to_image']['recall'][1]:.1f}" + (f" (after {steps['pretrained']} vs {steps['random']} steps)"
                                                                          if steps["random"] != steps["pretrained"] else ""),
         *_same_step_line(results.get("control_step")),
-        f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items()) + ")",
+        f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items())
+        + ")" + (f", computed in {results['arithmetic']}" if results.get("arithmetic") else ""),
     ]
     peaks = results.get("stage_peak_memory_mib")
     if peaks and results.get("peak_memory_mib"):

@@ -102,11 +102,13 @@ def preflight(out: Path, quick: bool) -> None:
 
 
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False, seed: int = 0,
-             plus: bool = False, check: bool = True) -> dict:
+             plus: bool = False, check: bool = True, fp32: bool = False) -> dict:
     """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again; seed: another
-    draw of the training runs (0: the default build); plus: also train and report SpeechCLIP+'s hybrid_plus."""
+    draw of the training runs (0: the default build); plus: also train and report SpeechCLIP+'s hybrid_plus;
+    fp32: no bf16 autocast even where the CPU has bf16 units (what a CPU without them computes)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = (DemoSpec.quick() if quick else DemoSpec()).seeded(seed)
+    spec = spec.in_fp32() if fp32 else spec
     out.mkdir(parents=True, exist_ok=True)
     if check:
         preflight(out, quick)
@@ -157,7 +159,7 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
         results["control_step"] = same_step_validation(out / "runs", spec.control_steps)
     with stage("5. pictures"):
         write_pictures(out, results, clip_log, hubert_log)
-    results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
+    results.update(corpus=corpus, stage_seconds=stage.seconds, arithmetic="bf16 autocast" if clip_log.get("bf16") else "fp32", stage_peak_memory_mib=stage.peak_mib,
                    total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results

@@ -49,12 +49,25 @@ class DemoSpec:
     projection_hidden: tuple[int, ...] = (512,)
     plus_max_keywords: int = 30  # hybrid_plus (--plus): CIF fires at most this many (mini CLIP: 32 positions - 2)
     speechclip_seed: int = 7  # the training layer's default seed
+    # bf16 autocast where the CPU has bf16 units (the pre-trainings and the SpeechCLIP runs); False: fp32 everywhere,
+    # what a CPU without them (AVX2 only: most laptops) computes, to check its figures on a machine that has them
+    bf16: bool = True
+
+    def __post_init__(self):
+        every = max(1, self.speechclip_steps // 4)  # the pretrained run's validation interval (speechclip_config)
+        if not 0 < self.control_steps <= self.speechclip_steps or self.control_steps % every:
+            raise ValueError(f"control_steps={self.control_steps}: must be a step at which the pretrained run validates "
+                             f"(a multiple of {every}, at most speechclip_steps={self.speechclip_steps}), for the same-step comparison")
 
     def seeded(self, seed: int) -> "DemoSpec":
         """Another draw of every training run (mini CLIP, mini HuBERT, the SpeechCLIP runs, the control's
         random upstream) on the same corpus, so the test set stays the same: seed 0 is the default build."""
         return replace(self, clip=replace(self.clip, seed=self.clip.seed + seed), hubert=replace(self.hubert, seed=self.hubert.seed + seed),
                        speechclip_seed=self.speechclip_seed + seed)
+
+    def in_fp32(self) -> "DemoSpec":
+        """The same build computed in fp32 throughout, as on a CPU without bf16 units."""
+        return replace(self, clip=replace(self.clip, bf16=False), hubert=replace(self.hubert, bf16=False), bf16=False)
 
     @classmethod
     def quick(cls) -> "DemoSpec":
@@ -92,5 +105,5 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
                   "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": every,
                   "checkpoint_every_steps": every, "num_workers": 0, "cache_dir": str(cache),
                   "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
-                  "precision": "bf16-mixed" if cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
+                  "precision": "bf16-mixed" if spec.bf16 and cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
     }
