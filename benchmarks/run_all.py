@@ -23,6 +23,7 @@ SCRIPTS = {
     "demo_threads": ["demo_threads.py"],  # needs a finished `speechclip demo` in runs/demo
     "demo_trim": ["demo_trim.py"],  # the same
     "synthesis_workers": ["synthesis_workers.py"],
+    "espeak_startup": ["espeak_startup.py"],
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],
     "state_cache": ["state_cache.py"],
