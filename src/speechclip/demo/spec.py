@@ -101,9 +101,11 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
     return {
         "model": model,
         "data": {"kind": "manifest", "root": str(corpus)},
+        # precision: in bf16 a step alone on two threads took 0.33-0.35 s against 0.37-0.38 in fp32 (RESULTS.md
+        # "demo stages", stop 28)
         "train": {"batch_size": batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
                   "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": every,
                   "checkpoint_every_steps": every, "num_workers": 0, "cache_dir": str(cache),
                   "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
-                  "precision": "bf16-mixed" if spec.bf16 and cpu_has_fast_bf16() else "32-true"},  # 1.4x faster head steps
+                  "precision": "bf16-mixed" if spec.bf16 and cpu_has_fast_bf16() else "32-true"},
     }
