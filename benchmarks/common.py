@@ -35,10 +35,11 @@ def base_encoders() -> tuple[str, str]:
 
 
 def demo_build_spec(run: Path) -> DemoSpec:
-    """The DemoSpec a finished `speechclip demo` build was made with, its `--seed` draw read back from the
-    mini HuBERT's marker (pretrain.json), so a variant trains the same draw."""
-    seed = json.loads((run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]["seed"]
-    return DemoSpec().seeded(seed - DemoSpec().hubert.seed)
+    """The DemoSpec a finished `speechclip demo` build was made with, its `--seed` draw and its arithmetic
+    (`--fp32`) read back from the mini HuBERT's marker (pretrain.json), so a variant trains the same draw."""
+    built = json.loads((run / "encoders" / "hubert" / "pretrain.json").read_text())["spec"]
+    spec = DemoSpec().seeded(built["seed"] - DemoSpec().hubert.seed)
+    return spec if built.get("bf16", True) else spec.in_fp32()
 
 
 def corpus_dir() -> str:

@@ -161,8 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="also train SpeechCLIP+'s hybrid_plus (CIF keywords) and add its line to the table")
     demo.add_argument("--no-check", action="store_true", help="start even with less free memory or disk than it needs")
     demo.add_argument("--fp32", action="store_true",
-                      help="compute in fp32 even where the CPU has bf16 units: what a CPU without them (most laptops) "
-                           "gets; with --out elsewhere")
+                      help="compute in fp32 even where the CPU has bf16 units, as a CPU without them does; "
+                           "with --out elsewhere (a build in the other arithmetic is trained again in place)")
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -159,7 +159,8 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
         results["control_step"] = same_step_validation(out / "runs", spec.control_steps)
     with stage("5. pictures"):
         write_pictures(out, results, clip_log, hubert_log)
-    results.update(corpus=corpus, stage_seconds=stage.seconds, arithmetic="bf16 autocast" if clip_log.get("bf16") else "fp32", stage_peak_memory_mib=stage.peak_mib,
+    results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
+                   arithmetic="bf16 autocast" if spec.computes_bf16 else "fp32",
                    total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results

@@ -50,11 +50,11 @@ class DemoSpec:
     plus_max_keywords: int = 30  # hybrid_plus (--plus): CIF fires at most this many (mini CLIP: 32 positions - 2)
     speechclip_seed: int = 7  # the training layer's default seed
     # bf16 autocast where the CPU has bf16 units (the pre-trainings and the SpeechCLIP runs); False: fp32 everywhere,
-    # what a CPU without them (AVX2 only: most laptops) computes, to check its figures on a machine that has them
+    # the arithmetic of a CPU without them (AVX2 only), to check its figures on a machine that has them
     bf16: bool = True
 
-    def __post_init__(self):
-        every = max(1, self.speechclip_steps // 4)  # the pretrained run's validation interval (speechclip_config)
+    def __post_init__(self) -> None:
+        every = validation_interval(self.speechclip_steps)
         if not 0 < self.control_steps <= self.speechclip_steps or self.control_steps % every:
             raise ValueError(f"control_steps={self.control_steps}: must be a step at which the pretrained run validates "
                              f"(a multiple of {every}, at most speechclip_steps={self.speechclip_steps}), for the same-step comparison")
@@ -64,6 +64,11 @@ class DemoSpec:
         random upstream) on the same corpus, so the test set stays the same: seed 0 is the default build."""
         return replace(self, clip=replace(self.clip, seed=self.clip.seed + seed), hubert=replace(self.hubert, seed=self.hubert.seed + seed),
                        speechclip_seed=self.speechclip_seed + seed)
+
+    @property
+    def computes_bf16(self) -> bool:
+        """Whether the trainings run in bf16 autocast here: asked for, and the CPU has bf16 units."""
+        return self.bf16 and cpu_has_fast_bf16()
 
     def in_fp32(self) -> "DemoSpec":
         """The same build computed in fp32 throughout, as on a CPU without bf16 units."""
@@ -80,12 +85,17 @@ class DemoSpec:
                    projection_hidden=(64,))
 
 
+def validation_interval(steps: int) -> int:
+    """A demo SpeechCLIP run of `steps` validates and checkpoints four times (the control at the same steps)."""
+    return max(1, steps // 4)
+
+
 def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, cache: Path, variant: str = "hybrid",
                       max_steps: int | None = None) -> dict:
     """The run configuration of one demo SpeechCLIP run (hybrid, or hybrid_plus for the SpeechCLIP+ line).
     max_steps: a shorter run (the control), validated and checkpointed at the same steps as the full one."""
     steps, batch_size = (spec.speechclip_steps, spec.batch_size) if variant == "hybrid" else (spec.plus_steps, spec.plus_batch_size)
-    every = max(1, steps // 4)
+    every = validation_interval(steps)
     steps = max_steps or steps
     model: dict = {"upstream": str(upstream), "clip": str(clip), "variant": variant,
                    "parallel": {"projection_hidden": list(spec.projection_hidden)}}
@@ -101,11 +111,11 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
     return {
         "model": model,
         "data": {"kind": "manifest", "root": str(corpus)},
-        # precision: in bf16 a step alone on two threads took 0.33-0.35 s against 0.37-0.38 in fp32 (RESULTS.md
-        # "demo stages", stop 28)
+        # precision: in bf16 a step alone on two threads took 0.33-0.37 s against 0.37-0.38 in fp32, validation
+        # included (RESULTS.md "demo stages", stop 28)
         "train": {"batch_size": batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
                   "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": every,
                   "checkpoint_every_steps": every, "num_workers": 0, "cache_dir": str(cache),
                   "cache_upstream_states": True, "log_every_steps": 10, "seed": spec.speechclip_seed,
-                  "precision": "bf16-mixed" if spec.bf16 and cpu_has_fast_bf16() else "32-true"},
+                  "precision": "bf16-mixed" if spec.computes_bf16 else "32-true"},
     }
