@@ -28,7 +28,7 @@ import numpy as np
 import soundfile
 
 from common import table
-from speechclip.data.tts import all_speakers
+from speechclip.data.tts import Speaker, all_speakers, espeak_command
 
 CAPTIONS = ("three big purple rings in the middle", "a small red square next to a blue circle",
             "two green triangles on a white background", "a picture of a yellow star")
@@ -51,7 +51,7 @@ class Library:
 
     def __init__(self):
         self.lib = ctypes.CDLL("libespeak-ng.so.1")
-        self.rate = self.lib.espeak_Initialize(SYNCHRONOUS, 0, None, DONT_EXIT)
+        self.lib.espeak_Initialize(SYNCHRONOUS, 0, None, DONT_EXIT)  # returns the sample rate: 22,050 Hz
         self.chunks: list[np.ndarray] = []
         self.callback = Callback(self._collect)
         self.lib.espeak_SetSynthCallback(self.callback)
@@ -61,14 +61,15 @@ class Library:
             self.chunks.append(np.ctypeslib.as_array(wave, (samples,)).copy())
         return 0
 
-    def speak(self, text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+    def speak(self, text: str, speaker: Speaker) -> np.ndarray:
         self.chunks.clear()
+        voice = f"{speaker.voice}+{speaker.variant}"
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             by_language = Voice(None, voice.encode(), None, 0, 0, 0, 0, 0, None)
             if self.lib.espeak_SetVoiceByProperties(ctypes.byref(by_language)) != 0:
                 raise RuntimeError(f"espeak-ng: no voice {voice}")
-        self.lib.espeak_SetParameter(RATE, speed, 0)
-        self.lib.espeak_SetParameter(PITCH, pitch, 0)
+        self.lib.espeak_SetParameter(RATE, speaker.speed, 0)
+        self.lib.espeak_SetParameter(PITCH, speaker.pitch, 0)
         data = text.encode() + b"\0"
         self.lib.espeak_Synth(data, len(data), 0, POSITION_CHARACTER, 0, FLAGS, None, None)
         self.lib.espeak_Synchronize()
@@ -79,9 +80,10 @@ class Library:
         _ctypes.dlclose(self.lib._handle)
 
 
-def cli(text: str, voice: str, speed: int, pitch: int, folder: Path) -> np.ndarray:
+def cli(text: str, speaker: Speaker, folder: Path) -> np.ndarray:
+    """The corpus's own command line (data/tts.py), its wav read back unchanged."""
     out = folder / "cli.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(out), text], check=True)
+    subprocess.run(espeak_command(text, speaker, str(out)), check=True)
     return soundfile.read(out, dtype="int16")[0]
 
 
@@ -92,7 +94,6 @@ def main() -> None:
     rng = random.Random(0)
     speakers = all_speakers()
     jobs = [(rng.choice(CAPTIONS), rng.choice(speakers)) for _ in range(args.clips)]
-    jobs = [(text, f"{s.voice}+{s.variant}", s.speed, s.pitch) for text, s in jobs]
     libc = ctypes.CDLL(None)
     outputs, seconds = {}, {}
     with tempfile.TemporaryDirectory() as folder:

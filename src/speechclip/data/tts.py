@@ -41,14 +41,18 @@ def all_speakers() -> list[Speaker]:
     return [Speaker(*combo) for combo in itertools.product(VOICES, VARIANTS, SPEEDS, PITCHES)]
 
 
+def espeak_command(text: str, speaker: Speaker, wav: str) -> list[str]:
+    """The espeak-ng command line that speaks `text` as `speaker` into `wav` (22,050 Hz, as espeak-ng makes it)."""
+    return ["espeak-ng", "-v", f"{speaker.voice}+{speaker.variant}", "-s", str(speaker.speed), "-p", str(speaker.pitch),
+            "-w", wav, text]
+
+
 def synthesize(text: str, speaker: Speaker, out: Path) -> float:
     """Speak `text` into a 16 kHz mono wav at `out`; returns its duration in seconds."""
     if shutil.which("espeak-ng") is None:
         raise DataError("espeak-ng not found; install Debian's espeak-ng (scripts/setup.sh does)")
     with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-        command = ["espeak-ng", "-v", f"{speaker.voice}+{speaker.variant}", "-s", str(speaker.speed),
-                   "-p", str(speaker.pitch), "-w", raw.name, text]
-        result = subprocess.run(command, capture_output=True, timeout=60)
+        result = subprocess.run(espeak_command(text, speaker, raw.name), capture_output=True, timeout=60)
         if result.returncode != 0:
             raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({result.stderr.decode(errors='ignore')[:200]})")
         samples, rate = soundfile.read(raw.name, dtype="float32")
