@@ -13,7 +13,7 @@ import torch
 from speechclip.audio import AudioError
 from speechclip.data import DataError, read_dataset
 from speechclip.train.run import fit
-from speechclip.train.state_cache import build_state_cache, upstream_states
+from speechclip.train.state_cache import build_state_cache, pad_states, upstream_states
 from speechclip.upstream import SpeechUpstream
 from tests.conftest import tiny_run_config
 
@@ -137,3 +137,32 @@ def test_waveform_path_replaces_an_undecodable_clip_and_hands_the_skip_to_the_ba
     assert batch["skipped"] == [(str(nan), "audio contains NaN or infinite samples")]
     with pytest.raises(AudioError, match=rf"^{nan}: audio contains NaN"):
         SpokenCaptionDataset(items, list(range(len(items))), 16000)[(last, 5)]
+
+
+@pytest.mark.parametrize("variant", ["parallel", "cascaded", "hybrid", "cascaded_plus", "hybrid_plus"])
+def test_batches_pad_to_a_multiple_of_eight_frames_which_every_head_masks_out(encoders, variant):
+    """pad_states rounds a batch up to 8-frame multiples (for the heap, not the model): each clip's states
+    are copied whole, the rest is zero and masked, and every head's output is that of the batch padded only
+    to its longest clip (built here by hand)."""
+    from speechclip import SpeechCLIP
+    from tests.conftest import tiny_model_config
+
+    torch.manual_seed(0)
+    model = SpeechCLIP(tiny_model_config(encoders, variant)).eval()
+    num_states, width = model.upstream.num_hidden_states, model.upstream.hidden_size
+    frames = [13, 5, 9]
+    states = [torch.randn(num_states, t, width) for t in frames]
+    padded, mask = pad_states(states)
+    assert padded.shape == (num_states, 3, 16, width)
+    assert mask.sum(1).tolist() == frames and all(bool(mask[i, :t].all()) for i, t in enumerate(frames))
+    for row, (clip, t) in enumerate(zip(states, frames)):
+        assert torch.equal(padded[:, row, :t], clip) and not padded[:, row, t:].any()
+    exact = torch.zeros(num_states, 3, 13, width)
+    for row, clip in enumerate(states):
+        exact[:, row, : clip.shape[1]] = clip
+    exact_mask = torch.arange(13)[None, :] < torch.tensor(frames)[:, None]
+    with torch.no_grad():
+        ours, reference = model.forward_states(padded, mask), model.forward_states(exact, exact_mask)
+    torch.testing.assert_close(ours.embeds, reference.embeds, atol=1e-5, rtol=1e-5)
+    if reference.cascaded is not None:
+        assert torch.equal(ours.cascaded.token_ids, reference.cascaded.token_ids)

@@ -43,16 +43,20 @@ def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool
 
 
 class ReleaseFreeMemory(Callback):
-    """Trims the heap every `every` steps (memory.release_free_memory): the runs stay at what a step needs.
-    Every 30 steps made a step up to a quarter faster (benchmarks/demo_trim.py) but let the demo's SpeechCLIP
-    stage reach 6.0 GiB against 4.3 (RESULTS.md "demo stages", stop 27): the demo keeps 3."""
+    """Trims the heap (memory.release_free_memory) after each validation, whose batches leave blocks of other
+    sizes behind, and, given `every`, every `every` training steps. The demo trimmed every 3 steps while its
+    batches took every length: since they are padded to 8-frame multiples (train.state_cache.FRAME_MULTIPLE),
+    a run's heap stays flat untrimmed and its steps are 18-22 % faster (RESULTS.md "demo stages", stop 29)."""
 
-    def __init__(self, every: int = 3):
+    def __init__(self, every: int = 0):
         self.every = every
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every == 0:
+        if self.every and trainer.global_step % self.every == 0:
             release_free_memory()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        release_free_memory()
 
 
 class TakeThreads(Callback):

@@ -218,11 +218,23 @@ def crop_states(states: torch.Tensor, max_frames: int | None, generator: torch.G
     return states[:, start : start + max_frames]
 
 
+# A batch's frames are padded up to a multiple of this. Why: a training step's buffers take the batch's
+# length, and at every length from the data's (the demo's batches: 105-129 frames) the C heap kept freed
+# blocks of sizes no later step asked for, fragmenting and growing (2.4 GiB after 300 demo steps and still
+# climbing), which the demo held down by trimming the heap every 3 steps, at a fifth of its step time in page
+# faults. Padded to multiples of 8, a run reuses its few sizes of blocks: flat at 1.2-1.3 GiB untrimmed, and
+# its steps 18-22 % faster than trimmed (benchmarks/demo_trim.py, RESULTS.md stop 29). Padding is masked
+# out by every head (tests/test_model.py: an embedding unchanged when batched with longer clips).
+FRAME_MULTIPLE = 8
+
+
 def pad_states(states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-clip (L+1, T_i, D) -> (L+1, B, T, D) float32 and a (B, T) valid mask."""
+    """Per-clip (L+1, T_i, D) -> (L+1, B, T, D) float32 and a (B, T) valid mask; T: the longest clip's
+    frames rounded up to a multiple of FRAME_MULTIPLE."""
     frames = torch.tensor([s.shape[1] for s in states])
     first = states[0]
-    out = torch.zeros(first.shape[0], len(states), int(frames.max()), first.shape[2])
+    padded = -(-int(frames.max()) // FRAME_MULTIPLE) * FRAME_MULTIPLE
+    out = torch.zeros(first.shape[0], len(states), padded, first.shape[2])
     for row, s in enumerate(states):
         out[:, row, : s.shape[1]].copy_(s)
     return out, torch.arange(out.shape[2])[None, :] < frames[:, None]
