@@ -4,10 +4,11 @@ saves: seconds per step and peak memory.
 Trains the demo's hybrid run (its own settings, on a finished build's encoders, corpus and state caches) for
 --steps steps in fresh processes, once per setting MULTIPLE:EVERY: batches padded to a multiple of MULTIPLE
 frames (`train.state_cache.FRAME_MULTIPLE`; 1: to the longest clip, as before stop 29) and the heap trimmed
-every EVERY steps (`demo.train.ReleaseFreeMemory(every)`; 0: never), in the two set-ups of the demo's stage 3: two 1-thread runs side by side (the pretrained and the control
-upstream, as before step 302) and one run with every thread (the pretrained run after it). Reports seconds
-per step over steps 20..N (loading and the first batches left out), the process's user and system CPU time
-(trimmed pages come back as page faults: system time) and its largest RSS.
+every EVERY steps (`demo.train.ReleaseFreeMemory(every)`; 0: never). Each in the two set-ups of the demo's
+stage 3: two 1-thread runs side by side (the pretrained and the control upstream, as before step 302) and
+one run with every thread (the pretrained run after it). Reports seconds per step over steps 20..N (loading
+and the first batches left out), the process's user and system CPU time (pages handed back come back as page
+faults: system time) and its largest RSS.
 Usage: python benchmarks/demo_trim.py --run runs/demo [--steps 220] [--settings 1:3 1:0 8:0]   (after `speechclip demo`)
 """
 

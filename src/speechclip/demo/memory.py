@@ -24,13 +24,12 @@ def release_free_memory() -> bool:
     """Hand the heap's free pages back to the system (glibc's `malloc_trim(0)`); False where the C library is
     not glibc.
 
-    Why: glibc keeps freed blocks in its heap for reuse, and a training step's buffers, whose sizes follow
-    each batch's longest clip, leave it ever more fragmented: one demo run grew to 2.33 GiB over 300 steps and
-    kept growing (the demo's SpeechCLIP stage: 7.5 GiB for its whole tree). Trimming every 3 steps keeps the
-    runs at what a step needs (4.3 GiB for the stage) for up to a third more time a step: freed pages come back
-    as page faults (every 30 steps: the stage reached 6.0 GiB). The numbers computed are the same. Measured
-    against the alternatives (glibc's mmap threshold at 1 or 8 MiB, jemalloc) in benchmarks/RESULTS.md, stops
-    26 and 27; the intervals with benchmarks/demo_trim.py."""
+    Why: glibc keeps freed blocks in its heap for reuse. The demo trims after each stage (a pre-training
+    leaves a fragmented heap) and after each validation of its SpeechCLIP runs (`demo.train.ReleaseFreeMemory`).
+    Until stop 28 those runs also trimmed every 3 steps, since their buffers took each batch's length and the
+    heap grew with every step measured (the stage reached 7.5 GiB); trimming held it at 4.3 GiB for a fifth of a
+    step's time in page faults. Batches padded to 8-frame multiples (`train.state_cache.FRAME_MULTIPLE`) keep
+    the heap flat untrimmed (benchmarks/demo_trim.py; RESULTS.md "demo stages", stops 26, 27 and 29)."""
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):

@@ -219,12 +219,12 @@ def crop_states(states: torch.Tensor, max_frames: int | None, generator: torch.G
 
 
 # A batch's frames are padded up to a multiple of this. Why: a training step's buffers take the batch's
-# length, and at every length from the data's (the demo's batches: 105-129 frames) the C heap kept freed
-# blocks of sizes no later step asked for, fragmenting and growing (2.4 GiB after 300 demo steps and still
-# climbing), which the demo held down by trimming the heap every 3 steps, at a fifth of its step time in page
-# faults. Padded to multiples of 8, a run reuses its few sizes of blocks: flat at 1.2-1.3 GiB untrimmed, and
-# its steps 18-22 % faster than trimmed (benchmarks/demo_trim.py, RESULTS.md stop 29). Padding is masked
-# out by every head (tests/test_model.py: an embedding unchanged when batched with longer clips).
+# length; at every length the data gives (the demo's batches: 34 lengths from 95 to 129 frames) the C heap
+# kept freed blocks of sizes no later step asked for, and grew (2.4 GiB after 300 demo steps, still climbing).
+# The demo held it down by trimming the heap every 3 steps, at a fifth of its step time in page faults.
+# Padded to multiples of 8 (6 lengths), a run reuses its few sizes of blocks: flat untrimmed, and its steps
+# 18-22 % faster than trimmed (benchmarks/demo_trim.py, RESULTS.md "demo stages", stop 29). The extra frames
+# are masked like any padding (tests/test_state_cache.py).
 FRAME_MULTIPLE = 8
 
 
