@@ -51,7 +51,7 @@ def worker(run: Path, upstream: str, steps: int, threads: int, multiple: int, ev
     values = speechclip_config(spec, run / "encoders" / upstream, run / "encoders" / "clip", run / "corpus", run / "cache")
     values["train"].update(val_every_steps=10**6, checkpoint_every_steps=10**6)  # steps only
     clock, before = Clock(), resource.getrusage(resource.RUSAGE_SELF)
-    fit(run_config_from_dict(values), out, progress=False, callbacks=[clock] + ([ReleaseFreeMemory(every)] if every else []), overwrite=True)
+    fit(run_config_from_dict(values), out, progress=False, callbacks=[clock, ReleaseFreeMemory(every)], overwrite=True)
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"s_per_step": (clock.at[steps] - clock.at[20]) / (steps - 20), "user_s": after.ru_utime - before.ru_utime,
                       "system_s": after.ru_stime - before.ru_stime, "max_rss_mib": after.ru_maxrss / 1024}), flush=True)

@@ -139,6 +139,28 @@ def test_the_longer_of_two_runs_takes_every_thread_at_a_fixed_step():
         torch.set_num_threads(threads)
 
 
+def test_the_demo_runs_trim_the_heap_after_validation_not_between_steps(monkeypatch, tmp_path):
+    """Batches padded to 8-frame multiples keep the heap from growing, so the demo's runs trim only after
+    each validation (whose batches leave other block sizes); an interval, if given, still trims every N steps."""
+    from types import SimpleNamespace
+
+    from speechclip.demo import train
+
+    trims, used = [], []
+    monkeypatch.setattr(train, "release_free_memory", lambda: trims.append(1) or True)
+    default, every_3 = train.ReleaseFreeMemory(), train.ReleaseFreeMemory(every=3)
+    for step in range(1, 10):
+        for callback in (default, every_3):
+            callback.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, step)
+    assert len(trims) == 3  # steps 3, 6 and 9 of the interval; none of the default
+    default.on_validation_end(SimpleNamespace(), None)
+    assert len(trims) == 4
+    monkeypatch.setattr(train, "run_config_from_dict", lambda values: values)
+    monkeypatch.setattr(train, "fit", lambda config, run_dir, progress, callbacks, overwrite: used.extend(callbacks) or {})
+    train.train_one({}, {}, tmp_path, "run", bars=False)
+    assert [c.every for c in used if isinstance(c, train.ReleaseFreeMemory)] == [0]
+
+
 def test_a_pretraining_marker_cut_short_means_build_again(tmp_path):
     """pretrain.json says "this encoder is finished"; one left torn by an older build must not stop the demo."""
     from dataclasses import dataclass

@@ -85,7 +85,7 @@ print(rss_kib() - before)
 
 
 def test_free_heap_pages_go_back_to_the_system():
-    """The demo's training processes trim the heap every few steps: freed 4 MiB blocks between blocks still
+    """The demo trims the heap after each stage and each validation: freed 4 MiB blocks between blocks still
     in use (a fragmented heap, as a training step leaves it) leave the process, where glibc alone keeps them."""
     import subprocess
     import sys

@@ -28,8 +28,8 @@ def release_free_memory() -> bool:
     leaves a fragmented heap) and after each validation of its SpeechCLIP runs (`demo.train.ReleaseFreeMemory`).
     Until stop 28 those runs also trimmed every 3 steps, since their buffers took each batch's length and the
     heap grew with every step measured (the stage reached 7.5 GiB); trimming held it at 4.3 GiB for a fifth of a
-    step's time in page faults. Batches padded to 8-frame multiples (`train.state_cache.FRAME_MULTIPLE`) keep
-    the heap flat untrimmed (benchmarks/demo_trim.py; RESULTS.md "demo stages", stops 26, 27 and 29)."""
+    step's time in page faults. Batches padded to 8-frame multiples (`train.state_cache.FRAME_MULTIPLE`) stop
+    the heap's growth untrimmed (benchmarks/demo_trim.py; RESULTS.md "demo stages", stops 26, 27 and 29)."""
     try:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):

@@ -111,8 +111,8 @@ def speechclip_config(spec: DemoSpec, upstream: Path, clip: Path, corpus: Path, 
     return {
         "model": model,
         "data": {"kind": "manifest", "root": str(corpus)},
-        # precision: in bf16 a step alone on two threads took 0.33-0.37 s against 0.37-0.38 in fp32, validation
-        # included (RESULTS.md "demo stages", stop 28)
+        # precision: in bf16 a step alone on two threads took 0.23 s against 0.28 in fp32, validation included
+        # (draw 0 of each; RESULTS.md "demo stages", stop 29)
         "train": {"batch_size": batch_size, "lr": spec.lr, "warmup_steps": max(1, steps // 10),
                   "max_steps": steps, "final_lr": spec.lr * 1e-3, "val_every_steps": every,
                   "checkpoint_every_steps": every, "num_workers": 0, "cache_dir": str(cache),

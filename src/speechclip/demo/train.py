@@ -46,7 +46,7 @@ class ReleaseFreeMemory(Callback):
     """Trims the heap (memory.release_free_memory) after each validation, whose batches leave blocks of other
     sizes behind, and, given `every`, every `every` training steps. The demo trimmed every 3 steps while its
     batches took every length: since they are padded to 8-frame multiples (train.state_cache.FRAME_MULTIPLE),
-    a run's heap stays flat untrimmed and its steps are 18-22 % faster (RESULTS.md "demo stages", stop 29)."""
+    a run's heap stops growing untrimmed and its steps are 18-22 % faster (RESULTS.md "demo stages", stop 29)."""
 
     def __init__(self, every: int = 0):
         self.every = every

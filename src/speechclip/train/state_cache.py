@@ -222,9 +222,9 @@ def crop_states(states: torch.Tensor, max_frames: int | None, generator: torch.G
 # length; at every length the data gives (the demo's batches: 34 lengths from 95 to 129 frames) the C heap
 # kept freed blocks of sizes no later step asked for, and grew (2.4 GiB after 300 demo steps, still climbing).
 # The demo held it down by trimming the heap every 3 steps, at a fifth of its step time in page faults.
-# Padded to multiples of 8 (6 lengths), a run reuses its few sizes of blocks: flat untrimmed, and its steps
-# 18-22 % faster than trimmed (benchmarks/demo_trim.py, RESULTS.md "demo stages", stop 29). The extra frames
-# are masked like any padding (tests/test_state_cache.py).
+# Padded to multiples of 8 (6 lengths), a run reuses its few sizes of blocks and stops growing untrimmed, and
+# its steps are 18-22 % faster than trimmed (benchmarks/demo_trim.py, RESULTS.md "demo stages", stop 29). The
+# extra frames are masked like any padding (tests/test_state_cache.py).
 FRAME_MULTIPLE = 8
 
 
