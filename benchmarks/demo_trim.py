@@ -32,8 +32,8 @@ def worker(run: Path, upstream: str, steps: int, threads: int, multiple: int, ev
     from lightning.pytorch.callbacks import Callback
 
     from speechclip.demo.spec import speechclip_config
-    from speechclip.train import state_cache
     from speechclip.demo.train import ReleaseFreeMemory
+    from speechclip.train import state_cache
     from speechclip.train.config import run_config_from_dict
     from speechclip.train.run import fit
 

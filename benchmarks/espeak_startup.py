@@ -63,7 +63,7 @@ class Library:
 
     def speak(self, text: str, speaker: Speaker) -> np.ndarray:
         self.chunks.clear()
-        voice = f"{speaker.voice}+{speaker.variant}"
+        voice = speaker.espeak_voice
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
             by_language = Voice(None, voice.encode(), None, 0, 0, 0, 0, 0, None)
             if self.lib.espeak_SetVoiceByProperties(ctypes.byref(by_language)) != 0:

@@ -32,8 +32,13 @@ class Speaker:
     pitch: int
 
     @property
+    def espeak_voice(self) -> str:
+        """espeak-ng's voice argument: the voice with its variant."""
+        return f"{self.voice}+{self.variant}"
+
+    @property
     def name(self) -> str:
-        return f"{self.voice}+{self.variant}-s{self.speed}-p{self.pitch}"
+        return f"{self.espeak_voice}-s{self.speed}-p{self.pitch}"
 
 
 def all_speakers() -> list[Speaker]:
@@ -43,7 +48,7 @@ def all_speakers() -> list[Speaker]:
 
 def espeak_command(text: str, speaker: Speaker, wav: str) -> list[str]:
     """The espeak-ng command line that speaks `text` as `speaker` into `wav` (22,050 Hz, as espeak-ng makes it)."""
-    return ["espeak-ng", "-v", f"{speaker.voice}+{speaker.variant}", "-s", str(speaker.speed), "-p", str(speaker.pitch),
+    return ["espeak-ng", "-v", speaker.espeak_voice, "-s", str(speaker.speed), "-p", str(speaker.pitch),
             "-w", wav, text]
 
 
