@@ -1,6 +1,6 @@
-"""Offline-corpus speech synthesis: clips per second against the number of worker threads.
+"""Offline-corpus speech synthesis by the espeak-ng program: clips per second against worker threads.
 
-Each clip is an espeak-ng process (about 6 ms of start-up), a resample and a file write, so a thread or two
+Where libespeak-ng cannot be loaded, the corpus speaks this way (data/tts.py). Each clip is an espeak-ng process (about 6 ms of start-up), a resample and a file write, so a thread or two
 more than cores keeps the cores busy while a clip waits. The same 600 clips (3 captions, 600 speakers)
 per setting, the settings interleaved over rounds (median).
 Usage: python benchmarks/synthesis_workers.py [--clips 600] [--rounds 3]
@@ -27,7 +27,7 @@ def seconds(workers: int, clips: int) -> float:
         jobs = [(CAPTIONS[i % 3], speakers[i % len(speakers)], Path(folder) / f"{i}.wav") for i in range(clips)]
         started = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda job: synthesize(*job), jobs))
+            list(pool.map(lambda job: synthesize(*job, in_process=False), jobs))
         return time.perf_counter() - started
 
 

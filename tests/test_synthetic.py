@@ -116,3 +116,23 @@ def test_cli_data_build_takes_unset_sizes_from_the_spec(tmp_path, capsys):
     spec = json.loads(capsys.readouterr().out)["spec"]
     assert spec["num_scenes"] == 8 and spec["num_clipart"] == 0
     assert spec["train_voices"] == CorpusSpec().train_voices and spec["image_size"] == CorpusSpec().image_size
+
+
+def test_the_corpus_is_the_same_spoken_in_worker_processes_or_by_the_program(tmp_path):
+    """Speech through libespeak-ng in forked workers (the default where it loads) and through the espeak-ng
+    program in threads: every wav byte for byte the same, and the same manifests."""
+    from speechclip.data import espeak
+
+    if not espeak.available():
+        import pytest
+
+        pytest.skip("libespeak-ng cannot be loaded and reset here")
+    small = CorpusSpec(num_scenes=8, num_clipart=2, captions_per_image=2, val_images=2, test_images=2, seed=5)
+    build_corpus(tmp_path / "library", small, progress=False, in_process=True, workers=2)
+    build_corpus(tmp_path / "program", small, progress=False, in_process=False)
+    wavs = sorted(p.name for p in (tmp_path / "library" / "audio").glob("*.wav"))
+    assert len(wavs) == len(list((tmp_path / "program" / "audio").glob("*.wav"))) > 10
+    for name in wavs:
+        assert (tmp_path / "library" / "audio" / name).read_bytes() == (tmp_path / "program" / "audio" / name).read_bytes(), name
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "library" / f"{split}.jsonl").read_text() == (tmp_path / "program" / f"{split}.jsonl").read_text()

@@ -13,13 +13,15 @@ import json
 import os
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import soundfile
 from tqdm import tqdm
 
+from . import espeak
 from .clipart import clipart_captions, find_drawings, render_svg
 from .items import DataError, SpokenCaption
 from .manifest import write_manifest
@@ -75,16 +77,30 @@ class _Job:
     split: str
 
 
-def synthesis_workers() -> int:
-    """Two threads more than usable cores: a clip also waits on espeak-ng's start-up and a file write
-    (1.06x the clips per second of two threads on 2 cores: benchmarks/synthesis_workers.py)."""
+def synthesis_workers(in_process: bool) -> int:
+    """Corpus workers: for speech in process, one process per usable core (libespeak-ng's state is global);
+    for a program per job (espeak-ng, or rsvg-convert for an image), two threads more than cores, since a job
+    also waits on the program's start-up and a file write (1.06x the clips per second of two threads on
+    2 cores: benchmarks/synthesis_workers.py)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores + 2
+    return cores if in_process else cores + 2
 
 
-def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int | None = None, progress: bool = True) -> dict:
+def _speech_pool(in_process: bool, workers: int) -> Executor:
+    """Processes for the in-process engine, forked where the system can (nothing to import again: this
+    process's modules come along), else threads running the command line."""
+    if not in_process:
+        return ThreadPoolExecutor(max_workers=workers)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+
+
+def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int | None = None, progress: bool = True,
+                 in_process: bool | None = None) -> dict:
     """Build (or finish, or reuse) the corpus in `out`; returns its summary (also in out/corpus.json).
-    workers: synthesis threads (default: synthesis_workers())."""
+    workers: image threads and speech workers (default: synthesis_workers(...)); in_process: speak through
+    libespeak-ng in worker processes (default: where it loads) or False for the espeak-ng program in threads
+    (the same samples: data/espeak.py)."""
     out = Path(out)
     summary_path = out / "corpus.json"
     if summary_path.is_file():
@@ -95,13 +111,15 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
     jobs = _plan(out, spec)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(max_workers=workers if workers is not None else synthesis_workers()) as pool:
+    in_process = espeak.available() if in_process is None else in_process
+    with ThreadPoolExecutor(max_workers=workers or synthesis_workers(in_process=False)) as pool:  # librsvg runs as a program
         failed = list(tqdm(pool.map(lambda job: _make_image(job, spec.image_size), jobs), total=len(jobs),
                            desc="corpus images", disable=not progress, unit="image"))
-        skipped = [problem for problem in failed if problem]
-        jobs = [job for job, problem in zip(jobs, failed) if not problem]
-        speech = [caption for job in jobs for caption in job.captions]
-        list(tqdm(pool.map(_make_speech, speech), total=len(speech), desc="corpus speech",
+    skipped = [problem for problem in failed if problem]
+    jobs = [job for job, problem in zip(jobs, failed) if not problem]
+    speech = [(*caption, in_process) for job in jobs for caption in job.captions if not caption[2].is_file()]
+    with _speech_pool(in_process, workers or synthesis_workers(in_process)) as pool:
+        list(tqdm(pool.map(_make_speech, speech, chunksize=16), total=len(speech), desc="corpus speech",
                   disable=not progress, unit="clip"))
     planned = {job.image for job in jobs} | {path for job in jobs for _, _, path in job.captions}
     for stale in [*(out / "images").glob("*.png"), *(out / "audio").glob("*.wav")]:
@@ -196,10 +214,8 @@ def _make_image(job: _Job, image_size: int) -> str | None:
     return None
 
 
-def _make_speech(caption: tuple[str, Speaker, Path]) -> None:
-    text, speaker, path = caption
-    if not path.is_file():
-        synthesize(text, speaker, path)
+def _make_speech(clip: tuple[str, Speaker, Path, bool]) -> None:
+    synthesize(*clip)
 
 
 def _write(out: Path, jobs: list[_Job], spec: CorpusSpec, seconds: float) -> dict:

@@ -1,4 +1,8 @@
-"""Speech for the offline corpus: espeak-ng, one speaker per (voice, variant, speed, pitch)."""
+"""Speech for the offline corpus: espeak-ng, one speaker per (voice, variant, speed, pitch).
+
+Spoken in this process where libespeak-ng loads (data/espeak.py), else by the `espeak-ng` program: the two
+give the same samples, so a corpus is the same either way.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import soundfile
 import soxr
 
 from ..audio import SAMPLE_RATE
+from . import espeak
 from .items import DataError
 
 # espeak-ng's own English voices (the mbrola ones need an extra binary), and its voice variants.
@@ -52,15 +57,10 @@ def espeak_command(text: str, speaker: Speaker, wav: str) -> list[str]:
             "-w", wav, text]
 
 
-def synthesize(text: str, speaker: Speaker, out: Path) -> float:
-    """Speak `text` into a 16 kHz mono wav at `out`; returns its duration in seconds."""
-    if shutil.which("espeak-ng") is None:
-        raise DataError("espeak-ng not found; install Debian's espeak-ng (scripts/setup.sh does)")
-    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
-        result = subprocess.run(espeak_command(text, speaker, raw.name), capture_output=True, timeout=60)
-        if result.returncode != 0:
-            raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({result.stderr.decode(errors='ignore')[:200]})")
-        samples, rate = soundfile.read(raw.name, dtype="float32")
+def synthesize(text: str, speaker: Speaker, out: Path, in_process: bool | None = None) -> float:
+    """Speak `text` into a 16 kHz mono wav at `out`; returns its duration in seconds.
+    in_process: through libespeak-ng (default: where it loads) or False for the espeak-ng program."""
+    samples, rate = _speak(text, speaker, out, espeak.available() if in_process is None else in_process)
     if samples.size == 0:
         raise DataError(f"{out}: espeak-ng produced no audio for {text!r}")
     samples = _trim(soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32))
@@ -68,6 +68,25 @@ def synthesize(text: str, speaker: Speaker, out: Path) -> float:
     soundfile.write(str(tmp), samples, SAMPLE_RATE, subtype="PCM_16")
     tmp.replace(out)  # atomic: an interrupted build never leaves a half-written wav behind
     return len(samples) / SAMPLE_RATE
+
+
+def _speak(text: str, speaker: Speaker, out: Path, in_process: bool) -> tuple[np.ndarray, int]:
+    """espeak-ng's own output as float32 in [-1, 1) at its own rate (22,050 Hz): in this process if it can,
+    else from the program's wav, read as soundfile reads 16-bit PCM (x / 32768), so both give the same floats."""
+    if in_process:
+        try:
+            wave, rate = espeak.speak(text, speaker.espeak_voice, speaker.speed, speaker.pitch)
+        except espeak.EspeakError as error:
+            raise DataError(f"{out}: {error} (speaker {speaker.name})") from None
+        return wave.astype(np.float32) / 32768, rate
+    if shutil.which("espeak-ng") is None:
+        raise DataError("espeak-ng not found; install Debian's espeak-ng (scripts/setup.sh does)")
+    with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
+        result = subprocess.run(espeak_command(text, speaker, raw.name), capture_output=True, timeout=60)
+        if result.returncode != 0:
+            raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({' '.join(result.stderr.decode(errors='ignore').split())[:200]})")
+        samples, rate = soundfile.read(raw.name, dtype="float32")
+    return samples, rate
 
 
 def _trim(samples: np.ndarray, threshold: float = 1e-3, margin: int = 1600) -> np.ndarray:
