@@ -1,6 +1,7 @@
 """Offline-corpus speech synthesis by the espeak-ng program: clips per second against worker threads.
 
-Where libespeak-ng cannot be loaded, the corpus speaks this way (data/tts.py). Each clip is an espeak-ng process (about 6 ms of start-up), a resample and a file write, so a thread or two
+Where libespeak-ng cannot be loaded, the corpus speaks this way (data/tts.py). Each clip is an espeak-ng
+process (about 6 ms of start-up), a resample and a file write, so a thread or two
 more than cores keeps the cores busy while a clip waits. The same 600 clips (3 captions, 600 speakers)
 per setting, the settings interleaved over rounds (median).
 Usage: python benchmarks/synthesis_workers.py [--clips 600] [--rounds 3]

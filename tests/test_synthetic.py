@@ -121,12 +121,6 @@ def test_cli_data_build_takes_unset_sizes_from_the_spec(tmp_path, capsys):
 def test_the_corpus_is_the_same_spoken_in_worker_processes_or_by_the_program(tmp_path):
     """Speech through libespeak-ng in forked workers (the default where it loads) and through the espeak-ng
     program in threads: every wav byte for byte the same, and the same manifests."""
-    from speechclip.data import espeak
-
-    if not espeak.available():
-        import pytest
-
-        pytest.skip("libespeak-ng cannot be loaded and reset here")
     small = CorpusSpec(num_scenes=8, num_clipart=2, captions_per_image=2, val_images=2, test_images=2, seed=5)
     build_corpus(tmp_path / "library", small, progress=False, in_process=True, workers=2)
     build_corpus(tmp_path / "program", small, progress=False, in_process=False)
@@ -136,3 +130,35 @@ def test_the_corpus_is_the_same_spoken_in_worker_processes_or_by_the_program(tmp
         assert (tmp_path / "library" / "audio" / name).read_bytes() == (tmp_path / "program" / "audio" / name).read_bytes(), name
     for split in ("train", "val", "test"):
         assert (tmp_path / "library" / f"{split}.jsonl").read_text() == (tmp_path / "program" / f"{split}.jsonl").read_text()
+
+
+_spoken_in_this_worker: list = []
+
+
+def _dies_on_the_fourth_clip(clip) -> None:
+    """A speech job that kills its worker on the fourth clip, as a segfault in libespeak-ng would."""
+    from speechclip.data import synthetic
+
+    _spoken_in_this_worker.append(clip)
+    if len(_spoken_in_this_worker) == 4:
+        os._exit(1)
+    synthetic.synthesize(*clip)
+
+
+def test_a_speech_worker_that_dies_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatch):
+    """A crash inside libespeak-ng kills its worker process: the build says so in one line, the clips written
+    so far stay (whole), and a second build finishes the corpus."""
+    import pytest
+
+    from speechclip.data import DataError, synthetic
+
+    small = CorpusSpec(num_scenes=6, num_clipart=0, captions_per_image=1, val_images=1, test_images=1, seed=2)
+    monkeypatch.setattr(synthetic, "_make_speech", _dies_on_the_fourth_clip)  # the forked worker inherits it
+    with pytest.raises(DataError, match="speech worker process died"):
+        build_corpus(tmp_path, small, progress=False, in_process=True, workers=1)
+    assert not (tmp_path / "corpus.json").exists()
+    written = list((tmp_path / "audio").glob("*.wav"))
+    assert len(written) == 3 and all(soundfile.info(str(w)).frames > 0 for w in written)
+    monkeypatch.undo()
+    summary = build_corpus(tmp_path, small, progress=False, in_process=True)
+    assert sum(s["captions"] for s in summary["splits"].values()) == len(list((tmp_path / "audio").glob("*.wav"))) > 3

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 import threading
 
 import numpy as np
@@ -61,7 +62,7 @@ def available() -> bool:
     """Whether this process can load libespeak-ng and unloading it resets it (the same clip, spoken again
     after another, comes out the same): checked once, with three short clips. Not where something else in
     this process holds the library already: it would not unload, and a second initialisation can hang."""
-    if _loaded_already():
+    if not sys.platform.startswith("linux") or _loaded_already():  # LIBRARY is the Linux file name
         return False
     try:
         first = speak("a red circle", "en-us+klatt", 160, 45)[0]
@@ -112,7 +113,7 @@ def _synthesize(library: ctypes.CDLL, text: str, voice: str, speed: int, pitch: 
     """One utterance from an initialised library: its int16 samples."""
     chunks: list[np.ndarray] = []
 
-    def collect(wave, samples: int, events) -> int:
+    def collect(wave: ctypes.POINTER(ctypes.c_short), samples: int, events: ctypes.c_void_p) -> int:
         if samples > 0:
             chunks.append(np.ctypeslib.as_array(wave, (samples,)).copy())
         return 0
@@ -123,7 +124,8 @@ def _synthesize(library: ctypes.CDLL, text: str, voice: str, speed: int, pitch: 
     library.espeak_SetParameter(_RATE, speed, 0)
     library.espeak_SetParameter(_PITCH, pitch, 0)
     data = text.encode() + b"\0"
-    library.espeak_Synth(data, len(data), 0, _POSITION_CHARACTER, 0, _SYNTH_FLAGS, None, None)
+    if library.espeak_Synth(data, len(data), 0, _POSITION_CHARACTER, 0, _SYNTH_FLAGS, None, None) != 0:
+        raise EspeakError(f"libespeak-ng could not synthesise {text[:60]!r}")
     library.espeak_Synchronize()
     return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
 

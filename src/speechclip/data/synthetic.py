@@ -13,9 +13,9 @@ import json
 import multiprocessing
 import os
 import random
-import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,12 +88,12 @@ def synthesis_workers(in_process: bool) -> int:
 
 
 def _speech_pool(in_process: bool, workers: int) -> Executor:
-    """Processes for the in-process engine, forked on Linux (nothing to import again: this process's modules
-    come along; a spawned worker imports torch first, about 4 s and 370 MB), else threads running the program."""
+    """Forked processes for the in-process engine (Linux only, where `espeak.available()`: nothing to import
+    again, this process's modules come along; a spawned worker would first import torch, about 4 s and
+    370 MB), else threads running the program."""
     if not in_process:
         return ThreadPoolExecutor(max_workers=workers)
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
 
 
 def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int | None = None, progress: bool = True,
@@ -113,15 +113,23 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
     in_process = espeak.available() if in_process is None else in_process
-    with ThreadPoolExecutor(max_workers=workers or synthesis_workers(in_process=False)) as pool:  # librsvg runs as a program
+    if in_process and not espeak.available():
+        raise DataError("libespeak-ng cannot be loaded and reset here; in_process=False speaks with the espeak-ng program")
+    image_threads = workers if workers is not None else synthesis_workers(in_process=False)  # rsvg-convert is a program
+    with ThreadPoolExecutor(max_workers=image_threads) as pool:
         failed = list(tqdm(pool.map(lambda job: _make_image(job, spec.image_size), jobs), total=len(jobs),
                            desc="corpus images", disable=not progress, unit="image"))
     skipped = [problem for problem in failed if problem]
     jobs = [job for job, problem in zip(jobs, failed) if not problem]
     speech = [(*caption, in_process) for job in jobs for caption in job.captions if not caption[2].is_file()]
-    with _speech_pool(in_process, workers or synthesis_workers(in_process)) as pool:
-        list(tqdm(pool.map(_make_speech, speech, chunksize=16), total=len(speech), desc="corpus speech",
-                  disable=not progress, unit="clip"))
+    speech_workers = workers if workers is not None else synthesis_workers(in_process)
+    try:
+        with _speech_pool(in_process, speech_workers) as pool:
+            list(tqdm(pool.map(_make_speech, speech, chunksize=16), total=len(speech), desc="corpus speech",
+                      disable=not progress, unit="clip"))
+    except BrokenProcessPool:  # a worker died inside libespeak-ng: what is written is kept, the rest is not
+        raise DataError(f"{out}: a speech worker process died in libespeak-ng; run again to finish the corpus, "
+                        "or build it with in_process=False (the espeak-ng program)") from None
     planned = {job.image for job in jobs} | {path for job in jobs for _, _, path in job.captions}
     for stale in [*(out / "images").glob("*.png"), *(out / "audio").glob("*.wav")]:
         if stale not in planned:  # made for another spec

@@ -1,7 +1,8 @@
 """Speech for the offline corpus: espeak-ng, one speaker per (voice, variant, speed, pitch).
 
-Spoken in this process where libespeak-ng loads (data/espeak.py), else by the `espeak-ng` program: the two
-give the same samples, so a corpus is the same either way.
+Spoken in this process where libespeak-ng loads and resets (data/espeak.py), else by the `espeak-ng` program.
+The two gave the same samples on espeak-ng 1.51 (every clip of the demo's corpus; tests/test_espeak.py
+checks it wherever the tests run).
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ def espeak_command(text: str, speaker: Speaker, wav: str) -> list[str]:
 
 def synthesize(text: str, speaker: Speaker, out: Path, in_process: bool | None = None) -> float:
     """Speak `text` into a 16 kHz mono wav at `out`; returns its duration in seconds.
-    in_process: through libespeak-ng (default: where it loads) or False for the espeak-ng program."""
-    samples, rate = _speak(text, speaker, out, espeak.available() if in_process is None else in_process)
-    if samples.size == 0:
+    in_process: through libespeak-ng (default: where it loads and resets) or False for the espeak-ng program."""
+    in_process = espeak.available() if in_process is None else in_process
+    wave, rate = _library_wave(text, speaker, out) if in_process else program_wave(text, speaker, out)
+    if wave.size == 0:
         raise DataError(f"{out}: espeak-ng produced no audio for {text!r}")
+    samples = wave.astype(np.float32) / 32768  # as soundfile reads 16-bit PCM
     samples = _trim(soxr.resample(samples, rate, SAMPLE_RATE).astype(np.float32))
     tmp = out.with_suffix(".tmp.wav")
     soundfile.write(str(tmp), samples, SAMPLE_RATE, subtype="PCM_16")
@@ -70,23 +73,29 @@ def synthesize(text: str, speaker: Speaker, out: Path, in_process: bool | None =
     return len(samples) / SAMPLE_RATE
 
 
-def _speak(text: str, speaker: Speaker, out: Path, in_process: bool) -> tuple[np.ndarray, int]:
-    """espeak-ng's own output as float32 in [-1, 1) at its own rate (22,050 Hz): in this process if it can,
-    else from the program's wav, read as soundfile reads 16-bit PCM (x / 32768), so both give the same floats."""
-    if in_process:
-        try:
-            wave, rate = espeak.speak(text, speaker.espeak_voice, speaker.speed, speaker.pitch)
-        except espeak.EspeakError as error:
-            raise DataError(f"{out}: {error} (speaker {speaker.name})") from None
-        return wave.astype(np.float32) / 32768, rate
+def program_wave(text: str, speaker: Speaker, out: Path | str = "speech") -> tuple[np.ndarray, int]:
+    """What `espeak-ng -w` writes for `text` as `speaker`: 16-bit samples at its own rate (22,050 Hz).
+    `out` names the clip in an error."""
     if shutil.which("espeak-ng") is None:
         raise DataError("espeak-ng not found; install Debian's espeak-ng (scripts/setup.sh does)")
     with tempfile.NamedTemporaryFile(suffix=".wav") as raw:
         result = subprocess.run(espeak_command(text, speaker, raw.name), capture_output=True, timeout=60)
         if result.returncode != 0:
-            raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({' '.join(result.stderr.decode(errors='ignore').split())[:200]})")
-        samples, rate = soundfile.read(raw.name, dtype="float32")
-    return samples, rate
+            reason = " ".join(result.stderr.decode(errors="ignore").split())[:200]
+            raise DataError(f"{out}: espeak-ng failed for {speaker.name} ({reason})")
+        wave, rate = soundfile.read(raw.name, dtype="int16")
+    return wave, rate
+
+
+def _library_wave(text: str, speaker: Speaker, out: Path) -> tuple[np.ndarray, int]:
+    """The same samples from libespeak-ng in this process (data/espeak.py)."""
+    if not espeak.available():
+        raise DataError(f"{out}: libespeak-ng cannot be loaded and reset in this process; "
+                        "in_process=False speaks with the espeak-ng program")
+    try:
+        return espeak.speak(text, speaker.espeak_voice, speaker.speed, speaker.pitch)
+    except espeak.EspeakError as error:
+        raise DataError(f"{out}: {error} (speaker {speaker.name})") from None
 
 
 def _trim(samples: np.ndarray, threshold: float = 1e-3, margin: int = 1600) -> np.ndarray:
