@@ -78,3 +78,16 @@ def test_the_library_held_by_someone_else_is_left_to_them():
         espeak._unload(holder)
         espeak.available.cache_clear()
     assert espeak.available()
+
+
+def test_the_process_keeps_its_own_locale():
+    """espeak_Initialize switches LC_CTYPE to a UTF-8 locale for itself; the caller's comes back after each clip."""
+    import locale
+
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        espeak.speak(CAPTIONS[0], "en-us+m1", 160, 45)
+        assert locale.setlocale(locale.LC_CTYPE) == "C"
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import locale
 import os
 import sys
 import threading
@@ -48,6 +49,7 @@ def speak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, in
     """`text` spoken as `espeak-ng -v voice -s speed -p pitch -w` would: (int16 samples, sample rate)."""
     with _one_at_a_time:
         ctypes.CDLL(None).srand(1)  # espeak-ng draws noise from rand(), which a new process starts at seed 1
+        own_locale = locale.setlocale(locale.LC_CTYPE)  # espeak_Initialize sets a UTF-8 one for itself
         library = _load()
         try:
             rate = _initialise(library)
@@ -55,6 +57,7 @@ def speak(text: str, voice: str, speed: int, pitch: int) -> tuple[np.ndarray, in
         finally:
             library.espeak_Terminate()
             _unload(library)
+            locale.setlocale(locale.LC_CTYPE, own_locale)
 
 
 @functools.cache
