@@ -68,8 +68,6 @@ def test_an_unknown_voice_is_one_line_naming_the_file_and_the_speaker(tmp_path, 
 def test_the_library_held_by_someone_else_is_left_to_them():
     """A process that has libespeak-ng loaded already (another binding) would not get a fresh library per
     clip: `available()` then says no, and speech goes through the program."""
-    import ctypes
-
     espeak.available.cache_clear()
     holder = ctypes.CDLL(espeak.LIBRARY)
     try:

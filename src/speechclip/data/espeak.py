@@ -71,7 +71,7 @@ def available() -> bool:
         first = speak("a red circle", "en-us+klatt", 160, 45)[0]
         speak("two blue squares", "en-gb+f2", 180, 60)
         again = speak("a red circle", "en-us+klatt", 160, 45)[0]
-    except (OSError, AttributeError, EspeakError):  # no library (or no dlclose) here: the command line it is
+    except (OSError, EspeakError):  # no library here, or no data for it: the command line it is
         return False
     return first.size > 0 and np.array_equal(first, again)
 
@@ -79,7 +79,7 @@ def available() -> bool:
 def _loaded_already() -> bool:
     try:
         holder = ctypes.CDLL(LIBRARY, mode=os.RTLD_NOLOAD)  # a handle only if it is loaded
-    except (OSError, AttributeError):
+    except OSError:
         return False
     _unload(holder)
     return True
@@ -99,7 +99,7 @@ def _load() -> ctypes.CDLL:
 
 def _unload(library: ctypes.CDLL) -> None:
     """dlclose: the next dlopen maps the library again, with its static state as at a process start."""
-    import _ctypes  # POSIX only; where it lacks dlclose, `available()` is False
+    import _ctypes  # dlclose is POSIX only: `available()` is False off Linux
 
     _ctypes.dlclose(library._handle)
 

@@ -112,8 +112,9 @@ def build_corpus(out: str | Path, spec: CorpusSpec = CorpusSpec(), workers: int 
     jobs = _plan(out, spec)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "audio").mkdir(parents=True, exist_ok=True)
-    in_process = espeak.available() if in_process is None else in_process
-    if in_process and not espeak.available():
+    if in_process is None:
+        in_process = espeak.available()
+    elif in_process and not espeak.available():
         raise DataError("libespeak-ng cannot be loaded and reset here; in_process=False speaks with the espeak-ng program")
     image_threads = workers if workers is not None else synthesis_workers(in_process=False)  # rsvg-convert is a program
     with ThreadPoolExecutor(max_workers=image_threads) as pool:

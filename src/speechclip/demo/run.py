@@ -43,9 +43,9 @@ from .spec import DemoSpec, speechclip_config
 from .train import train_all
 
 GiB = 1 << 30
-# What a full build needs: the process tree's peak PSS with room to spare (measured 3.4-3.6 GiB on draws 0-3,
-# 3.6 from nothing, RESULTS.md "demo stages", stop 29; benchmarks/demo_memory.py), and the folder's size when
-# finished (corpus, encoders, state caches, runs).
+# What a full build needs: the process tree's peak PSS with room to spare (measured 3.4-3.6 GiB on draws 0-3 at
+# stop 29, 3.5-3.7 from nothing on stop 30's fresh clones, RESULTS.md "demo stages"; benchmarks/demo_memory.py),
+# and the folder's size when finished (corpus, encoders, state caches, runs).
 FULL_BUILD_MEMORY, FULL_BUILD_DISK = 6 * GiB, 5 * GiB
 QUICK_BUILD_MEMORY, QUICK_BUILD_DISK = 2 * GiB, GiB // 4
 
