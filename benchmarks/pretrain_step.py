@@ -23,7 +23,7 @@ from transformers import AutoModel
 from common import table, timed
 from speechclip.mini_encoders import train_clip_tokenizer
 from speechclip.pretrain.mini_clip import MiniCLIPSpec, _trimmed, clip_config
-from speechclip.pretrain.mini_hubert import MiniHubertSpec, _step, hubert_config
+from speechclip.pretrain.mini_hubert import MiniHubertSpec, _step, hubert_config, without_waveform_gradient
 from speechclip.pretrain.precision import cpu_autocast, cpu_has_fast_bf16
 
 PREVIOUS_HUBERT = dict(conv_dims=(32, 32, 64, 64, 128, 128, 128), conv_kernels=(10, 3, 3, 3, 3, 2, 2),
@@ -32,10 +32,12 @@ CAPTIONS = ["a big red circle on the left", "three small blue squares in the mid
             "there is a purple star next to a green triangle", "a drawing of a cat", "two yellow rings at the top"]
 
 
-def hubert_step(attention: str, bf16: bool, previous: bool = False):
+def hubert_step(attention: str, bf16: bool, previous: bool = False, waveform_gradient: bool = False):
     spec = MiniHubertSpec(**PREVIOUS_HUBERT) if previous else MiniHubertSpec()
     torch.manual_seed(0)
     model = AutoModel.from_config(hubert_config(spec), attn_implementation=attention).train()
+    if not (previous or waveform_gradient):
+        without_waveform_gradient(model)
     head = torch.nn.Linear(spec.width, spec.clusters)
     waves = torch.randn(spec.batch_size, spec.crop_samples) * 0.1
     targets = torch.randint(0, spec.clusters, (spec.batch_size, spec.frames(spec.crop_samples)))
@@ -74,7 +76,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = [("fp32", "sdpa"), ("fp32", "eager")] + ([("bf16", "eager")] if cpu_has_fast_bf16() else [])
-    models = [("mini HuBERT", "previous (320x, LayerNorm conv)", hubert_step, True), ("mini HuBERT", "now (640x, GroupNorm)", hubert_step, False),
+    models = [("mini HuBERT", "previous (320x, LayerNorm conv)", hubert_step, True),
+              ("mini HuBERT", "640x, GroupNorm, waveform gradient", lambda a, b, _: hubert_step(a, b, waveform_gradient=True), False),
+              ("mini HuBERT", "now (640x, GroupNorm)", hubert_step, False),
               ("mini CLIP", "previous (padded to 32)", clip_step, True), ("mini CLIP", "now (trimmed)", clip_step, False)]
     steps = {(model, design, precision, attention): build(attention, precision == "bf16", previous)
              for model, design, build, previous in models for precision, attention in settings}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import Dropout
 from .config import CIFConfig
 
 SCALING_EPS = 1e-5  # reference: the scaled weights sum to threshold * target + 1e-5
@@ -67,9 +68,9 @@ class ContinuousIntegrateAndFire(nn.Module):
         layers: list[nn.Module] = []
         for _ in range(config.conv_layers):
             layers += [nn.Conv1d(width, width, config.conv_width, padding=config.conv_width // 2),
-                       nn.Dropout(config.dropout), nn.ReLU()]
+                       Dropout(config.dropout), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
-        self.weight_proj = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, 1), nn.Sigmoid())
+        self.weight_proj = nn.Sequential(Dropout(config.dropout), nn.Linear(width, 1), nn.Sigmoid())
 
     def frame_weights(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """(B, S, D) frames, (B, S) valid mask -> (B, S) float32 weights in [0, 1], zero on padding."""

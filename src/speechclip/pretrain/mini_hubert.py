@@ -185,6 +185,17 @@ def hubert_config(spec: MiniHubertSpec) -> HubertConfig:
                               hidden_dropout=spec.dropout, activation_dropout=spec.dropout, attention_dropout=spec.dropout)
 
 
+def without_waveform_gradient(model: HubertModel) -> HubertModel:
+    """Stop backward at the conv stack's first layer. HF's feature encoder marks the input waveform as
+    requiring grad in training (for gradient checkpointing, which pre-training does not use), so every step
+    also computed the gradient of the loss with respect to the 16 kHz samples, which nothing reads: about a
+    tenth of a demo pre-training step (RESULTS.md, stop 31). The parameters' gradients are the same bit for
+    bit (tests/test_pretrain.py)."""
+    if hasattr(model.feature_extractor, "_requires_grad"):  # a transformers without it: tests/test_pretrain.py fails
+        model.feature_extractor._requires_grad = False
+    return model
+
+
 def pretrain_mini_hubert(clips: Sequence[str | Path | torch.Tensor], out: str | Path, spec: MiniHubertSpec = MiniHubertSpec(),
                          progress: bool = True) -> dict:
     """clips: training clips (paths or 16 kHz waveforms). Writes a HuBERT folder to `out`; returns a log."""
@@ -196,7 +207,7 @@ def pretrain_mini_hubert(clips: Sequence[str | Path | torch.Tensor], out: str | 
     labels = cluster_labels(bank, spec)
     config = hubert_config(spec)
     bf16 = spec.bf16 and cpu_has_fast_bf16()
-    model = AutoModel.from_config(config, attn_implementation=attention_kernel(bf16)).train()
+    model = without_waveform_gradient(AutoModel.from_config(config, attn_implementation=attention_kernel(bf16)).train())
     head = torch.nn.Linear(spec.width, spec.clusters)
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.01)
