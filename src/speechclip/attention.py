@@ -33,7 +33,7 @@ class Dropout(nn.Dropout):
             return x * 0.0
         words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()  # [0, 2^63): each lane's low 15 bits uniform
         keep = (words.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF) >= round(self.p * 32768)
-        return x * keep * (1.0 / (1.0 - self.p))
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))  # a bool operand would take a slow mixed-type path
 
 
 class AttentionLayer(nn.Module):
