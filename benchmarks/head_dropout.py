@@ -1,14 +1,16 @@
 """The speech head's dropout on CPU: torch's nn.Dropout (ATen's bernoulli_ mask) against `attention.Dropout`
-(a mask from 16-bit shares of 64-bit random words), in the demo's training step and alone.
+(a mask from 16-bit shares of 64-bit random words).
 
-Step: one forward + backward + Adam step of the demo's hybrid head (from a finished demo run: two shared
-Transformer layers, the MLP projection, the keyword path through the frozen mini CLIP text tower) on random
-upstream states of the demo's batch shape (128 clips x 96 frames), bf16 autocast where the CPU has bf16 units,
-as the demo trains. Each (dropout, threads) set-up runs in its own process (its peak RSS is its own), the
-set-ups interleaved in rounds so that their ratio comes from the same minutes of the machine; the attention
-weights' dropout inside nn.MultiheadAttention is torch's in both.
+In the demo's run (paired): one `fit` of the demo's pretrained SpeechCLIP run (from a finished demo folder, its
+state cache reused, validation off), the head's Dropout modules switched between the two every 10 steps;
+median seconds per step of each over the same minutes of the machine. One process per thread count.
+A step alone: one forward + backward + Adam step of the demo's hybrid head on random upstream states of the
+demo's batch shape (128 clips x 96 frames), bf16 autocast where the CPU has bf16 units, as the demo trains;
+each (dropout, threads) set-up in its own process (so its peak RSS is its own), interleaved in rounds.
 Mask: one dropout call (forward only) on the feed-forward activation's shape (128 x 96 x 512).
-Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12]   (after `speechclip demo`)
+The attention weights' dropout inside nn.MultiheadAttention is torch's in every set-up.
+Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12] [--fit-steps 130]
+(after `speechclip demo`)
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -66,8 +71,51 @@ def mask_call(dropout: str):
     return lambda: layer(x)
 
 
+def paired_fit(run: Path, steps: int) -> dict[str, float]:
+    """Median s/step of each dropout in one fit of the demo's pretrained run, switched every 10 steps."""
+    from lightning.pytorch.callbacks import Callback
+
+    from speechclip.attention import Dropout
+    from speechclip.demo.spec import speechclip_config
+    from speechclip.demo.train import ReleaseFreeMemory
+    from speechclip.train.config import run_config_from_dict
+    from speechclip.train.run import fit
+
+    from common import demo_build_spec
+
+    values = speechclip_config(demo_build_spec(run), run / "encoders" / "hubert", run / "encoders" / "clip", run / "corpus", run / "cache")
+    values["train"].update(max_steps=steps, val_every_steps=10**6, checkpoint_every_steps=10**6)
+
+    class Switch(Callback):
+        def __init__(self):
+            self.seconds: dict[str, list[float]] = {"torch": [], "ours": []}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.kind = "torch" if (trainer.global_step // 10) % 2 else "ours"
+            forward = torch.nn.Dropout.forward if self.kind == "torch" else Dropout.forward
+            for layer in module.modules():
+                if isinstance(layer, Dropout):
+                    layer.forward = forward.__get__(layer)
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if trainer.global_step > 10:  # the first steps warm the allocator and the page cache
+                self.seconds[self.kind].append(time.perf_counter() - self.started)
+
+    switch = Switch()
+    out = Path(tempfile.mkdtemp(prefix="head_dropout_"))
+    try:
+        fit(run_config_from_dict(values), out / "run", progress=False, callbacks=[ReleaseFreeMemory(), switch], overwrite=True)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {kind: statistics.median(seconds) for kind, seconds in switch.seconds.items()}
+
+
 def worker(threads: int, dropout: str, run: Path, steps: int) -> None:
     torch.set_num_threads(threads)
+    if dropout == "paired":
+        print(json.dumps(paired_fit(run, steps)), flush=True)
+        return
     step_seconds = timed(head_step(run, dropout), steps, warmup=3)
     mask_seconds = timed(mask_call(dropout), 20, warmup=2)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -79,10 +127,20 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--fit-steps", type=int, default=130)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(int(args.worker[0]), args.worker[1], args.run, args.steps)
+        return worker(int(args.worker[0]), args.worker[1], args.run, args.fit_steps if args.worker[1] == "paired" else args.steps)
+    paired = []
+    for threads in (2, 1):
+        command = [sys.executable, str(HERE / "head_dropout.py"), "--worker", str(threads), "paired", "--run", str(args.run),
+                   "--fit-steps", str(args.fit_steps)]
+        seconds = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        paired.append((threads, f"{1000 * seconds['torch']:.0f}", f"{1000 * seconds['ours']:.0f}", f"{seconds['torch'] / seconds['ours']:.2f}x"))
+    print(f"in the demo's pretrained run ({args.run}), {args.fit_steps} steps, the dropout switched every 10 steps; median ms/step")
+    print(table(paired, ("threads", "torch nn.Dropout", "attention.Dropout", "speed-up")))
+    print()
     setups = [(threads, dropout) for threads in (2, 1) for dropout in ("torch", "ours")]
     results: dict[tuple[int, str], list[dict]] = {setup: [] for setup in setups}
     for _ in range(args.rounds):

@@ -22,6 +22,7 @@ SCRIPTS = {
     "pretrain_step": ["pretrain_step.py"],
     "demo_threads": ["demo_threads.py"],  # needs a finished `speechclip demo` in runs/demo
     "demo_trim": ["demo_trim.py"],  # the same
+    "head_dropout": ["head_dropout.py"],  # the same
     "synthesis_workers": ["synthesis_workers.py"],
     "espeak_startup": ["espeak_startup.py"],
     "embed_throughput": ["embed_throughput.py"],
