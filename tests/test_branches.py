@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from speechclip import SpeechCLIP
-from speechclip.attention import AttentionLayer, Dropout, EncoderStack, encode_queries, projection
+from speechclip.attention import AttentionLayer, encode_queries, projection
 from speechclip.keywords import KeywordNorm, KeywordQuantizer
 from tests.conftest import tiny_model_config
 
@@ -127,42 +127,3 @@ def test_hybrid_with_two_shared_layers_reads_out_what_the_full_encoder_computes(
         full = head.attention.encoder(torch.cat([tokens, frames], dim=1), src_key_padding_mask=padding)
         torch.testing.assert_close(output.parallel, head.projection(full[:, 0]), atol=1e-5, rtol=1e-5)
 
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_cpu_dropout_drops_at_rate_p_in_every_lane_and_scales_as_f_dropout(p):
-    """The cheaper mask against F.dropout's contract: each element zeroed with probability p (checked in each
-    of the four 16-bit lanes a 64-bit word gives, to 6 standard errors), the rest scaled by 1 / (1 - p), the
-    gradient the same mask; eval mode and p = 0 leave the input alone."""
-    torch.manual_seed(0)
-    x = torch.rand(256, 1024) + 1.0  # no zeros of its own
-    x.requires_grad_(True)
-    dropout = Dropout(p).train()
-    y = dropout(x)
-    kept = y != 0
-    n = x.numel() // 4
-    for lane in range(4):
-        rate = 1 - kept.flatten()[lane::4].float().mean().item()
-        assert abs(rate - p) < 6 * (p * (1 - p) / n) ** 0.5, (lane, rate)
-    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
-    reference_mean = torch.nn.functional.dropout(x.detach(), p, True).mean()
-    assert abs(y.mean() - reference_mean) < 0.01
-    assert not torch.equal(dropout(x), dropout(x))  # a new mask per call
-    assert torch.equal(dropout.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
-
-
-def test_encoder_stack_uses_the_cpu_dropout_and_keeps_torchs_parameter_names():
-    """The Transformer layer's three dropouts are swapped (no parameters: checkpoints are unchanged), and in
-    eval mode the stack computes what torch's own encoder of the same weights computes."""
-    torch.manual_seed(0)
-    stack = EncoderStack(16, 2, 4, 32, dropout=0.1).eval()
-    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.1, activation="gelu", batch_first=True)
-    reference = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(16), enable_nested_tensor=False).eval()
-    assert list(stack.encoder.state_dict()) == list(reference.state_dict())
-    reference.load_state_dict(stack.encoder.state_dict())
-    for block in stack.encoder.layers:
-        assert all(isinstance(getattr(block, name), Dropout) for name in ("dropout", "dropout1", "dropout2"))
-    sequence, padding = torch.randn(3, 10, 16), torch.zeros(3, 10, dtype=torch.bool)
-    padding[2, 6:] = True
-    torch.testing.assert_close(stack(sequence, padding), reference(sequence, src_key_padding_mask=padding))

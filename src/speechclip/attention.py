@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dropout import Dropout
+
 
 def prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Put learnable query tokens (N, D) before (B, T, D) frames; return the sequence and its padding mask
@@ -15,25 +17,6 @@ def prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor
     sequence = torch.cat([tokens.expand(batch, -1, -1).to(frames.dtype), frames], dim=1)
     keep = torch.cat([frame_mask.new_ones(batch, tokens.shape[0]), frame_mask], dim=1)
     return sequence, ~keep
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout (zero with probability p, scale the rest by 1 / (1 - p)) with a cheaper mask on CPU.
-
-    Why: ATen's CPU `bernoulli_` makes a generator call per element: the Transformer layer's three dropouts
-    were about a fifth of a demo head step (0.2 s, 2 threads; RESULTS.md, stop 31), and drawing 64-bit
-    words once per four elements is 8x faster. Each element keeps when 15 bits of its 16-bit share of a
-    word are at least round(p * 2^15): p is kept to within 2^-16 (0.1 -> 0.100006). Other devices use
-    F.dropout. No parameters: checkpoints are the same either way."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        if self.p == 1.0:
-            return x * 0.0
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()  # [0, 2^63): each lane's low 15 bits uniform
-        keep = (words.view(torch.int16)[: x.numel()].view(x.shape) & 0x7FFF) >= round(self.p * 32768)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))  # a bool operand would take a slow mixed-type path
 
 
 class AttentionLayer(nn.Module):
@@ -63,6 +46,7 @@ class EncoderStack(nn.Module):
         super().__init__()
         layer = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=ffn_dim, dropout=dropout,
                                            activation="gelu", batch_first=True, norm_first=False)
+        # the cheaper CPU mask (dropout.py); the attention weights' dropout inside self_attn stays torch's
         layer.dropout, layer.dropout1, layer.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         norm = nn.LayerNorm(width) if final_norm else None
         self.encoder = nn.TransformerEncoder(layer, layers, norm=norm, enable_nested_tensor=False)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import Dropout
 from .config import CIFConfig
+from .dropout import Dropout
 
 SCALING_EPS = 1e-5  # reference: the scaled weights sum to threshold * target + 1e-5
 
