@@ -29,18 +29,25 @@ STEPS = ("SpeechCLIP head (batch 64 x 60 frames)", "mini HuBERT", "mini CLIP")
 
 
 def head_step(run: Path):
-    from speechclip.loss import contrastive_loss
     from speechclip.model import SpeechCLIP
 
-    model = SpeechCLIP.from_pretrained(run / "runs" / "pretrained" / "final").train()
+    # a 2.4 s clip (the corpus's median) at the mini HuBERT's 25 Hz
+    return head_training_step(SpeechCLIP.from_pretrained(run / "runs" / "pretrained" / "final").train(), batch=64, frames=60)
+
+
+def head_training_step(model, batch: int, frames: int):
+    """One training step of `model`'s head (forward, both branches' contrastive losses, backward, Adam) on random
+    upstream states of `batch` clips x `frames` frames, in bf16 autocast where the CPU has bf16 units, as the
+    demo trains."""
+    from speechclip.loss import contrastive_loss
+
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
-    frames = 60  # a 2.4 s clip (the corpus's median) at the mini HuBERT's 25 Hz
-    states = torch.randn(model.upstream.num_hidden_states, 64, frames, model.upstream.hidden_size)
-    mask = torch.ones(64, frames, dtype=torch.bool)
-    images, ids = torch.randn(64, model.clip.embed_dim), torch.arange(64)
+    states = torch.randn(model.upstream.num_hidden_states, batch, frames, model.upstream.hidden_size)
+    mask = torch.ones(batch, frames, dtype=torch.bool)
+    images, ids = torch.randn(batch, model.clip.embed_dim), torch.arange(batch)
 
     def step():
-        with cpu_autocast(cpu_has_fast_bf16()):  # as the demo trains: bf16-mixed where the CPU has bf16 units
+        with cpu_autocast(cpu_has_fast_bf16()):
             out = model.forward_states(states, mask)
             loss = (contrastive_loss(out.parallel.float(), images, model.scale(), ids)
                     + contrastive_loss(out.cascaded.embeds.float(), images, model.scale(), ids))

@@ -1,4 +1,4 @@
-"""The speech head's dropout on CPU: torch's nn.Dropout (ATen's bernoulli_ mask) against `attention.Dropout`
+"""The speech head's dropout on CPU: torch's nn.Dropout (ATen's bernoulli_ mask) against `speechclip.dropout.Dropout`
 (a mask from 16-bit shares of 64-bit random words).
 
 In the demo's run (paired): one `fit` of the demo's pretrained SpeechCLIP run (from a finished demo folder, its
@@ -29,15 +29,15 @@ from pathlib import Path
 import torch
 
 from common import table, timed
-from speechclip.pretrain.precision import cpu_autocast, cpu_has_fast_bf16
+from speechclip.pretrain.precision import cpu_has_fast_bf16
 
 HERE = Path(__file__).resolve().parent
 BATCH, FRAMES = 128, 96
 
 
 def head_step(run: Path, dropout: str):
-    from speechclip.attention import Dropout
-    from speechclip.loss import contrastive_loss
+    from demo_threads import head_training_step
+    from speechclip.dropout import Dropout
     from speechclip.model import SpeechCLIP
 
     model = SpeechCLIP.from_pretrained(run / "runs" / "pretrained" / "final").train()
@@ -46,25 +46,11 @@ def head_step(run: Path, dropout: str):
             for name, child in parent.named_children():
                 if isinstance(child, Dropout):
                     setattr(parent, name, torch.nn.Dropout(child.p))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
-    states = torch.randn(model.upstream.num_hidden_states, BATCH, FRAMES, model.upstream.hidden_size)
-    mask = torch.ones(BATCH, FRAMES, dtype=torch.bool)
-    images, ids = torch.randn(BATCH, model.clip.embed_dim), torch.arange(BATCH)
-
-    def step():
-        with cpu_autocast(cpu_has_fast_bf16()):
-            out = model.forward_states(states, mask)
-            loss = (contrastive_loss(out.parallel.float(), images, model.scale(), ids)
-                    + contrastive_loss(out.cascaded.embeds.float(), images, model.scale(), ids))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return head_training_step(model, BATCH, FRAMES)
 
 
 def mask_call(dropout: str):
-    from speechclip.attention import Dropout
+    from speechclip.dropout import Dropout
 
     layer = (torch.nn.Dropout(0.1) if dropout == "torch" else Dropout(0.1)).train()
     x = torch.randn(BATCH, FRAMES, 512)
@@ -75,7 +61,7 @@ def paired_fit(run: Path, steps: int) -> dict[str, float]:
     """Median s/step of each dropout in one fit of the demo's pretrained run, switched every 10 steps."""
     from lightning.pytorch.callbacks import Callback
 
-    from speechclip.attention import Dropout
+    from speechclip.dropout import Dropout
     from speechclip.demo.spec import speechclip_config
     from speechclip.demo.train import ReleaseFreeMemory
     from speechclip.train.config import run_config_from_dict
@@ -139,7 +125,7 @@ def main() -> None:
         seconds = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
         paired.append((threads, f"{1000 * seconds['torch']:.0f}", f"{1000 * seconds['ours']:.0f}", f"{seconds['torch'] / seconds['ours']:.2f}x"))
     print(f"in the demo's pretrained run ({args.run}), {args.fit_steps} steps, the dropout switched every 10 steps; median ms/step")
-    print(table(paired, ("threads", "torch nn.Dropout", "attention.Dropout", "speed-up")))
+    print(table(paired, ("threads", "torch nn.Dropout", "dropout.Dropout", "speed-up")))
     print()
     setups = [(threads, dropout) for threads in (2, 1) for dropout in ("torch", "ours")]
     results: dict[tuple[int, str], list[dict]] = {setup: [] for setup in setups}
@@ -154,7 +140,7 @@ def main() -> None:
     for threads, dropout in setups:
         m, torch_m = median[(threads, dropout)], median[(threads, "torch")]
         spread = [r["step"] * 1000 for r in results[(threads, dropout)]]
-        rows.append((threads, "torch nn.Dropout" if dropout == "torch" else "attention.Dropout", f"{1000 * m['step']:.0f}",
+        rows.append((threads, "torch nn.Dropout" if dropout == "torch" else "dropout.Dropout", f"{1000 * m['step']:.0f}",
                      f"{min(spread):.0f}-{max(spread):.0f}", f"{torch_m['step'] / m['step']:.2f}x", f"{1000 * m['mask']:.1f}",
                      f"{m['peak_mib']:.0f}"))
     print(f"demo head training step, batch {BATCH} x {FRAMES} frames, bf16 autocast: {cpu_has_fast_bf16()}; "

@@ -126,4 +126,3 @@ def test_hybrid_with_two_shared_layers_reads_out_what_the_full_encoder_computes(
         padding = torch.cat([torch.zeros(3, 5, dtype=torch.bool), ~frame_mask], dim=1)
         full = head.attention.encoder(torch.cat([tokens, frames], dim=1), src_key_padding_mask=padding)
         torch.testing.assert_close(output.parallel, head.projection(full[:, 0]), atol=1e-5, rtol=1e-5)
-
