@@ -15,7 +15,12 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
     stages = results["stage_seconds"]
-    assert [s.split(".")[0] for s in stages] == ["1", "2a", "2b", "3", "4", "5"]
+    assert [s.split(".")[0] for s in stages] == ["1", "2", "3", "4"]
+    jobs = results["jobs"]  # stage 2's jobs, the control beside the mini HuBERT, the pretrained run after both
+    assert set(jobs) == {"mini CLIP", "mini HuBERT", "random", "pretrained caches", "pretrained", "plus"}
+    assert jobs["random"]["start"] >= jobs["mini CLIP"]["end"] and jobs["pretrained caches"]["start"] >= jobs["mini HuBERT"]["end"]
+    assert jobs["pretrained"]["start"] >= max(jobs["random"]["end"], jobs["pretrained caches"]["end"])
+    assert "stage 2's jobs" in printed
     for name in ("pretrained", "random", "plus"):
         for branch in ("parallel", "cascaded"):
             for task in ("speech_to_image", "image_to_speech", "speech_to_text", "text_to_speech"):
@@ -92,51 +97,45 @@ def _check_keywords(out, results: dict) -> None:
             assert counts == [kw["utterances"]] * fixed
 
 
-def test_side_by_side_runs_report_a_failure_and_keep_the_other_run(encoders, tiny_corpus, tmp_path, capsys):
-    import torch
-
-    from speechclip.demo.train import train_all
-    from tests.conftest import tiny_run_config
-
-    good = tiny_run_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=2).to_dict()
-    broken = json.loads(json.dumps(good))
-    broken["model"]["upstream"] = str(tmp_path / "no-such-upstream")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # two runs, two threads: the side-by-side path
-    try:
-        with pytest.raises(Exception, match="no-such-upstream"):
-            train_all({"good": (good, {}, tmp_path / "good"), "broken": (broken, {}, tmp_path / "broken")}, retrain=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert "[demo] broken: failed" in capsys.readouterr().out
-    assert (tmp_path / "good" / "final" / "model.safetensors").is_file() and (tmp_path / "good" / "demo_run.json").is_file()
-
-
-def test_the_longer_of_two_runs_takes_every_thread_at_a_fixed_step():
-    """The demo's control ends at step 275 of the pretrained run's 1,100: the pretrained run takes both threads
-    from a step fixed in advance (a clock-timed switch would make the model depend on the machine's load)."""
-    from types import SimpleNamespace
+def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(capsys):
+    """Two one-thread lanes on two threads: a job starts once the jobs it needs are done, a whole-machine job
+    runs alone on every thread, and a failure is reported, skips what needs it, and lets the rest go on."""
+    import os
+    import time
 
     import torch
 
-    from speechclip.demo.train import TakeThreads, takeover_step
+    from speechclip.demo.schedule import Job, run_jobs
 
-    job = lambda steps: ({"train": {"max_steps": steps}}, {}, None)  # noqa: E731
-    assert takeover_step({"pretrained": job(1100), "random": job(275)}) == ("pretrained", 302)
-    assert takeover_step({"random": job(50), "pretrained": job(400)}) == ("pretrained", 60)
-    assert takeover_step({"a": job(1100), "b": job(1100)}) is None  # equal: both end together
-    assert takeover_step({"a": job(100), "b": job(105)}) is None  # the longer ends before the switch
-    assert takeover_step({"a": job(1100), "b": job(275), "c": job(4400)}) is None  # a third waits for a free worker
-    threads = torch.get_num_threads()
-    callback = TakeThreads(302, threads + 1, "pretrained")
-    try:
-        torch.set_num_threads(threads)
-        callback.on_train_batch_end(SimpleNamespace(global_step=301), None, None, None, 0)
-        assert torch.get_num_threads() == threads
-        callback.on_train_batch_end(SimpleNamespace(global_step=302), None, None, None, 0)
-        assert torch.get_num_threads() == threads + 1
-    finally:
-        torch.set_num_threads(threads)
+    schedule = run_jobs([Job("slow", time.sleep, (1.0,)),
+                         Job("beside", torch.get_num_threads),
+                         Job("broken", os.stat, ("/no-such-file",)),
+                         Job("needs broken", torch.get_num_threads, after=("broken",)),
+                         Job("after slow", torch.get_num_threads, after=("slow",)),
+                         Job("alone", torch.get_num_threads, after=("slow",), whole_machine=True)], threads=2)
+    assert schedule.results["beside"] == 1 and schedule.results["after slow"] == 1
+    assert schedule.results["alone"] == 2 and schedule.threads["alone"] == 2
+    assert schedule.spans["after slow"][0] >= schedule.spans["slow"][1]
+    alone = schedule.spans["alone"]
+    assert all(end <= alone[0] or start >= alone[1] for name, (start, end) in schedule.spans.items() if name != "alone")
+    assert set(schedule.failures) == {"broken", "needs broken"} and "needs broken" not in schedule.spans
+    printed = capsys.readouterr().out
+    assert "[demo] broken: failed: FileNotFoundError" in printed and "needs broken: not run, since broken failed" in printed
+    with pytest.raises(FileNotFoundError):
+        schedule.raise_first_failure()
+    with pytest.raises(ValueError, match="'early'.*'late'"):  # a job may only wait on jobs listed before it
+        run_jobs([Job("early", time.sleep, (0,), after=("late",)), Job("late", time.sleep, (0,))], threads=2)
+
+
+def test_jobs_run_one_after_the_other_on_one_thread():
+    import os
+
+    import torch
+
+    from speechclip.demo.schedule import Job, run_jobs
+
+    schedule = run_jobs([Job("pid", os.getpid), Job("threads", torch.get_num_threads, after=("pid",))], threads=1)
+    assert schedule.results["pid"] == os.getpid() and schedule.threads == {"pid": 1, "threads": 1}
 
 
 def test_the_demo_runs_trim_the_heap_after_validation_not_between_steps(monkeypatch, tmp_path):

@@ -63,6 +63,9 @@ def format_demo_table(results: dict) -> str:
         f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items())
         + ")" + (f", computed in {results['arithmetic']}" if results.get("arithmetic") else ""),
     ]
+    if results.get("jobs"):
+        lines.append("    stage 2's jobs, start-end s (threads): " + ", ".join(
+            f"{name} {job['start']:.0f}-{job['end']:.0f} ({job['threads']})" for name, job in results["jobs"].items()))
     peaks = results.get("stage_peak_memory_mib")
     if peaks and results.get("peak_memory_mib"):
         lines.append(f"  peak memory of the process tree: {results['peak_memory_mib'] / 1024:.1f} GiB  ("

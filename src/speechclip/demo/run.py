@@ -3,13 +3,13 @@
 0. check free memory and disk (one line saying what is missing, instead of being killed part way);
 1. build the offline spoken-caption corpus (or reuse it);
 2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
-   saved as ordinary Hugging Face folders (reused on the next run);
-3. train SpeechCLIP hybrid (parallel + cascaded) with both frozen, on image-speech pairs only, and, side
-   by side in a second process, the same for a quarter of the steps on a randomly initialised frozen upstream
-   as a control, after which the first run takes every thread (with --plus, also SpeechCLIP+'s hybrid_plus on
-   the pre-trained upstream);
-4. evaluate on the test split (unseen images, unseen speakers) and print one table;
-5. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
+   saved as ordinary Hugging Face folders (reused on the next run); train SpeechCLIP hybrid (parallel +
+   cascaded) with both frozen, on image-speech pairs only, and, as a control, the same for a quarter of the
+   steps on a randomly initialised frozen upstream (with --plus, also SpeechCLIP+'s hybrid_plus on the
+   pre-trained upstream): jobs in worker processes, side by side where they use a second thread poorly
+   (`schedule.py`, `_jobs`);
+3. evaluate on the test split (unseen images, unseen speakers) and print one table;
+4. write results.json and pictures (curves, a retrieval grid, a keyword table) under the run folder.
 Each stage prints its wall time and the peak memory of the whole process tree (`memory.py`).
 """
 
@@ -33,14 +33,15 @@ from ..image_cache import ImageEmbeddingCache
 from ..metrics import recall_at_k, speech_image_retrieval
 from ..mini_encoders import save_mini_speech
 from ..model import SpeechCLIP
-from ..pretrain.mini_clip import pretrain_mini_clip
-from ..pretrain.mini_hubert import hubert_config, pretrain_mini_hubert
+from ..pretrain.mini_clip import MiniCLIPSpec, pretrain_mini_clip
+from ..pretrain.mini_hubert import MiniHubertSpec, hubert_config, pretrain_mini_hubert
 from ..train.resume import metrics_history
 from ..train.state_cache import state_caches_folder
 from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_free_memory
 from .report import format_demo_table, write_pictures
+from .schedule import Job, run_jobs, runs_in_workers
 from .spec import DemoSpec, speechclip_config
-from .train import train_all
+from .train import caches_job, finished_run, train_job
 
 GiB = 1 << 30
 # What a full build needs: the process tree's peak PSS with room to spare (measured 3.4-3.6 GiB on draws 0-3 at
@@ -73,19 +74,29 @@ class Stages:
         print(f"[demo] {name}: {self.seconds[name]:.1f} s{memory}", flush=True)
 
 
+def wanted_spec(spec: object) -> dict:
+    """A pre-training spec as its marker holds it (tuples become lists, as they read back)."""
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def finished_pretraining(folder: Path, spec: object) -> dict | None:
+    """The log of a finished pre-training in `folder` for the same spec (its pretrain.json), if there is one."""
+    try:
+        log = json.loads((folder / "pretrain.json").read_text())
+    except (OSError, ValueError):  # absent, or an older build's marker cut short: build again
+        return None
+    return log if log.get("spec") == wanted_spec(spec) else None
+
+
 def pretrain_once(folder: Path, spec: object, build) -> dict:
     """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
-    marker = folder / "pretrain.json"
-    wanted = json.loads(json.dumps(asdict(spec)))  # tuples become lists, as they read back
-    try:
-        log = json.loads(marker.read_text())
-    except (OSError, ValueError):  # absent, or an older build's marker cut short: build again
-        log = {}
-    if log.get("spec") == wanted:
+    log = finished_pretraining(folder, spec)
+    if log is not None:
         log["reused"] = True
         return log
     log = build()
-    log["spec"] = wanted
+    log["spec"] = wanted_spec(spec)
+    marker = folder / "pretrain.json"
     tmp = marker.with_name(".pretrain.json.tmp")
     tmp.write_text(json.dumps(log) + "\n")
     os.replace(tmp, marker)  # the marker says "finished": never half-written
@@ -134,36 +145,67 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
         corpus_dir = out / "corpus"
         corpus = build_corpus(corpus_dir, spec.corpus)
         train_items = read_dataset("manifest", str(corpus_dir), "train")
-    encoders = out / "encoders"
-    with stage("2a. pre-train mini CLIP"):
-        pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
-        clip_log = pretrain_once(encoders / "clip", spec.clip, lambda: pretrain_mini_clip(pairs, encoders / "clip", spec.clip))
-    with stage("2b. pre-train mini HuBERT"):
-        hubert_log = pretrain_once(encoders / "hubert", spec.hubert, lambda: pretrain_mini_hubert(
-            [i.audio for i in train_items], encoders / "hubert", spec.hubert))
-        if not hubert_log["reused"]:
-            _drop_state_caches(out / "cache")
-        _random_upstream(encoders / "hubert-random", spec)
-    del train_items, pairs
-    with stage("3. train SpeechCLIP on the pretrained and, as a control, on the random upstream"):
-        specs = {"clip": clip_log["spec"], "hubert": hubert_log["spec"]}
-        config = lambda folder, variant="hybrid", steps=None: speechclip_config(  # noqa: E731
-            spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant, steps)
-        jobs = {"pretrained": (config("hubert"), specs, out / "runs" / "pretrained"),
-                "random": (config("hubert-random", steps=spec.control_steps), specs, out / "runs" / "random")}
-        if plus:
-            jobs["plus"] = (config("hubert", "hybrid_plus"), specs, out / "runs" / "plus")
-        runs = train_all(jobs, retrain)
-    with stage("4. evaluate on the test split"):
-        results = _evaluate(out, corpus_dir, encoders / "clip", list(jobs), spec.corpus.test_folds)
+    with stage("2. pre-train mini CLIP and mini HuBERT, train SpeechCLIP and the control"):
+        jobs, runs = _jobs(out, spec, corpus_dir, train_items, retrain, plus)
+        del train_items
+        schedule = run_jobs(jobs, torch.get_num_threads())
+        schedule.raise_first_failure()
+        clip_log, hubert_log = schedule.results["mini CLIP"], schedule.results["mini HuBERT"]
+        runs.update({name: schedule.results[name] for name in RUN_NAMES if name in schedule.results})
+    with stage("3. evaluate on the test split"):
+        results = _evaluate(out, corpus_dir, out / "encoders" / "clip", list(runs), spec.corpus.test_folds)
         results["control_step"] = same_step_validation(out / "runs", spec.control_steps)
-    with stage("5. pictures"):
+    with stage("4. pictures"):
         write_pictures(out, results, clip_log, hubert_log)
     results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
+                   jobs={name: {"start": s, "end": e, "threads": schedule.threads[name]} for name, (s, e) in sorted(schedule.spans.items(), key=lambda span: span[1])},
                    arithmetic="bf16 autocast" if spec.computes_bf16 else "fp32",
                    total_seconds=round(time.perf_counter() - started, 1),
                    pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
     return results
+
+
+RUN_NAMES = ("pretrained", "random", "plus")  # the SpeechCLIP runs, by their folders under runs/
+
+
+def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenCaption], retrain: bool,
+          plus: bool) -> tuple[list[Job], dict]:
+    """Stage 2 as jobs (`schedule.py`): the mini CLIP and the mini HuBERT side by side on one thread each;
+    the control once the mini CLIP is done, beside the mini HuBERT; the pretrained run's upstream states on
+    one thread once both encoders are done; then the pretrained run on every thread. Finished SpeechCLIP
+    runs of the same configuration are reused (not with `retrain`) and get no job: returned as the dict."""
+    encoders = out / "encoders"
+    if finished_pretraining(encoders / "hubert", spec.hubert) is None:
+        _drop_state_caches(out / "cache")  # before any job builds a state cache of this build's upstreams
+    _random_upstream(encoders / "hubert-random", spec)
+    pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
+    bars = not runs_in_workers(torch.get_num_threads())
+    jobs = [Job("mini CLIP", pretrain_clip_job, (encoders / "clip", spec.clip, pairs, bars)),
+            Job("mini HuBERT", pretrain_hubert_job, (encoders / "hubert", spec.hubert, [i.audio for i in train_items], bars))]
+    specs = {"clip": wanted_spec(spec.clip), "hubert": wanted_spec(spec.hubert)}
+    config = lambda folder, variant="hybrid", steps=None: speechclip_config(  # noqa: E731
+        spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant, steps)
+    runs = {"pretrained": (config("hubert"), specs, out / "runs" / "pretrained"),
+            "random": (config("hubert-random", steps=spec.control_steps), specs, out / "runs" / "random")}
+    if plus:
+        runs["plus"] = (config("hubert", "hybrid_plus"), specs, out / "runs" / "plus")
+    finished = {name: None if retrain else finished_run(*run) for name, run in runs.items()}
+    if finished["random"] is None:
+        jobs.append(Job("random", train_job, (*runs["random"], "random"), after=("mini CLIP",)))
+    if finished["pretrained"] is None or finished.get("plus", True) is None:
+        jobs.append(Job("pretrained caches", caches_job, (runs["pretrained"][0],), after=("mini CLIP", "mini HuBERT")))
+    for name in ("pretrained", "plus"):
+        if name in runs and finished[name] is None:
+            jobs.append(Job(name, train_job, (*runs[name], name), after=("pretrained caches",), whole_machine=True))
+    return jobs, {name: summary for name, summary in finished.items() if summary is not None}
+
+
+def pretrain_clip_job(folder: Path, spec: MiniCLIPSpec, pairs: list, bars: bool) -> dict:
+    return pretrain_once(folder, spec, lambda: pretrain_mini_clip(pairs, folder, spec, progress=bars))
+
+
+def pretrain_hubert_job(folder: Path, spec: MiniHubertSpec, clips: list, bars: bool) -> dict:
+    return pretrain_once(folder, spec, lambda: pretrain_mini_hubert(clips, folder, spec, progress=bars))
 
 
 def same_step_validation(runs: Path, step: int) -> dict:

@@ -28,7 +28,7 @@ class DemoSpec:
     # The control (the same head on a random frozen upstream) trains a quarter as long, since it only has to show
     # that a random upstream leaves the head next to nothing to read (3.0 % speech->image R@1 after 1,100 steps
     # at stop 26): its 825 steps were a fifth of the demo's work. Both runs validate at step 275, where the
-    # table compares them at the same step; from just after it, the pretrained run takes both threads (train.py).
+    # table compares them at the same step; the pretrained run trains on every thread once the control is done (schedule.py).
     control_steps: int = 275
     batch_size: int = 128
     plus_steps: int = 4400  # hybrid_plus (--plus): the length, batch and one shared layer its figures were measured at (README)

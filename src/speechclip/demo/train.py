@@ -1,21 +1,18 @@
 """The demo's SpeechCLIP runs: each trained once (a finished run of the same configuration on encoders of
-the same pre-training spec is reused), side by side in spawned processes of one thread each."""
+the same pre-training spec is reused), as jobs of the demo's schedule (`schedule.py`)."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..quiet import quiet_libraries
 from ..train.config import run_config_from_dict
-from ..train.run import fit
+from ..train.run import build_caches, fit
 from .memory import release_free_memory
 
 
@@ -31,11 +28,10 @@ def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
     return None
 
 
-def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True,
-              take_threads: tuple[int, int] | None = None) -> dict:
-    """bars=False: step lines instead of progress bars; take_threads: (step, threads) from which to use more threads."""
+def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
+    """bars=False: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
-    callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)]) + ([TakeThreads(*take_threads, name)] if take_threads else [])
+    callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)])
     # the demo owns its run folders: a run it decided to train again replaces the old one
     summary = fit(run_config_from_dict(values), run_dir, progress=bars, callbacks=callbacks, overwrite=True)
     (run_dir / "demo_run.json").write_text(json.dumps({"config": values, "encoders": encoders, "summary": summary}) + "\n")
@@ -59,20 +55,6 @@ class ReleaseFreeMemory(Callback):
         release_free_memory()
 
 
-class TakeThreads(Callback):
-    """From a fixed step on, use `threads` threads: the step at which a shorter run beside this one has ended.
-    A fixed step, not the moment the other run ends: thread counts change a step's rounding, so a switch timed
-    by the clock would make the model depend on the machine's load."""
-
-    def __init__(self, step: int, threads: int, name: str):
-        self.step, self.threads, self.name = step, threads, name
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step >= self.step and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
-            print(f"[demo] {self.name}: {self.threads} threads from step {trainer.global_step}", flush=True)
-
-
 class StepLines(Callback):
     """A line every tenth of training: runs sharing a terminal cannot share progress bars."""
 
@@ -88,50 +70,12 @@ class StepLines(Callback):
                   f"{time.perf_counter() - self.started:.0f} s", flush=True)
 
 
-def _train_in_process(threads: int, take_threads: tuple[int, int] | None, *job) -> dict:
-    quiet_libraries()
-    torch.set_num_threads(threads)
-    return train_one(*job, bars=False, take_threads=take_threads)
+def train_job(values: dict, encoders: dict, run_dir: Path, name: str) -> dict:
+    """One SpeechCLIP run as a job of the demo's schedule (`schedule.run_jobs`): step lines, no bars."""
+    return train_one(values, encoders, run_dir, name, bars=False)
 
 
-def takeover_step(jobs: dict[str, tuple]) -> tuple[str, int] | None:
-    """Two runs side by side of unequal length: the longer one, and the step after which it runs alone (the
-    shorter one's steps and a tenth more, for its last validation and save; no sooner, or three threads
-    would share two cores). Both start together and build their state caches in about the same time."""
-    if len(jobs) != 2:
-        return None
-    (short, short_steps), (long, long_steps) = sorted(((name, job[0]["train"]["max_steps"]) for name, job in jobs.items()),
-                                                      key=lambda pair: pair[1])
-    step = short_steps + max(10, short_steps // 10)
-    return (long, step) if step < long_steps else None
-
-
-def train_all(jobs: dict[str, tuple], retrain: bool) -> dict:
-    """name -> (values, encoders, run_dir): finished runs are reused (unless `retrain`); the others train in
-    spawned processes of one thread each, as many at once as there are threads (the rest queue, in order).
-    Why: the head's small matmuls use extra threads poorly. On 2 cores a head step took 31 ms with 2 threads
-    and 49 ms with 1, also while a second 1-thread process ran (benchmarks/demo_threads.py); the two demo
-    runs took 304 s side by side against 211 + 231 s one after the other (benchmarks/RESULTS.md). Of two runs
-    of unequal length, the longer takes every thread once the shorter has ended (`takeover_step`).
-    With one thread or on a GPU they run one after the other in this process."""
-    runs = {name: None if retrain else finished_run(*job) for name, job in jobs.items()}
-    todo = {name: job for name, job in jobs.items() if runs[name] is None}
-    threads = torch.get_num_threads()
-    if len(todo) < 2 or threads < 2 or torch.cuda.is_available():
-        runs.update({name: train_one(*job, name) for name, job in todo.items()})
-        return runs
-    failure = None
-    workers = min(len(todo), threads)
-    takeover = takeover_step(todo)
-    take = lambda name: (takeover[1], threads) if takeover and takeover[0] == name else None  # noqa: E731
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train_in_process, threads // workers, take(name), *job, name): name for name, job in todo.items()}
-        for future in as_completed(futures):
-            try:
-                runs[futures[future]] = future.result()
-            except Exception as error:  # say so now; the other runs go on, and what they train is kept
-                print(f"[demo] {futures[future]}: failed: {error!r}", flush=True)
-                failure = failure or error
-    if failure is not None:
-        raise failure
-    return runs
+def caches_job(values: dict) -> None:
+    """The run's image embeddings and upstream-state caches, built before it trains (`train.run.build_caches`):
+    on one thread beside the control, so the run itself can start on every thread once the control is done."""
+    build_caches(run_config_from_dict(values), progress=False)
