@@ -17,9 +17,10 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     stages = results["stage_seconds"]
     assert [s.split(".")[0] for s in stages] == ["1", "2", "3", "4"]
     jobs = results["jobs"]  # stage 2's jobs, the control beside the mini HuBERT, the pretrained run after both
-    assert set(jobs) == {"mini CLIP", "mini HuBERT", "random", "pretrained caches", "pretrained", "plus"}
-    assert jobs["random"]["start"] >= jobs["mini CLIP"]["end"] and jobs["pretrained caches"]["start"] >= jobs["mini HuBERT"]["end"]
-    assert jobs["pretrained"]["start"] >= max(jobs["random"]["end"], jobs["pretrained caches"]["end"])
+    assert set(jobs) == {"mini CLIP", "mini HuBERT", "random", "pretrained", "plus"}
+    assert jobs["random"]["start"] >= jobs["mini CLIP"]["end"]
+    assert jobs["pretrained"]["start"] >= max(jobs["random"]["end"], jobs["mini HuBERT"]["end"])
+    assert jobs["plus"]["start"] >= jobs["pretrained"]["end"] and jobs["pretrained"]["threads"] == jobs["plus"]["threads"]
     assert "stage 2's jobs" in printed
     for name in ("pretrained", "random", "plus"):
         for branch in ("parallel", "cascaded"):

@@ -41,7 +41,7 @@ from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_fre
 from .report import format_demo_table, write_pictures
 from .schedule import Job, run_jobs, runs_in_workers
 from .spec import DemoSpec, speechclip_config
-from .train import caches_job, finished_run, train_job
+from .train import finished_run, train_job
 
 GiB = 1 << 30
 # What a full build needs: the process tree's peak PSS with room to spare (measured 3.4-3.6 GiB on draws 0-3 at
@@ -171,9 +171,10 @@ RUN_NAMES = ("pretrained", "random", "plus")  # the SpeechCLIP runs, by their fo
 def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenCaption], retrain: bool,
           plus: bool) -> tuple[list[Job], dict]:
     """Stage 2 as jobs (`schedule.py`): the mini CLIP and the mini HuBERT side by side on one thread each;
-    the control once the mini CLIP is done, beside the mini HuBERT; the pretrained run's upstream states on
-    one thread once both encoders are done; then the pretrained run on every thread. Finished SpeechCLIP
-    runs of the same configuration are reused (not with `retrain`) and get no job: returned as the dict."""
+    the control once the mini CLIP is done, beside the mini HuBERT; then the pretrained run on every thread
+    (its upstream-state cache first: on one thread beside the control it left the other core idle for 69 s
+    of the 632, RESULTS.md "demo stages", stop 32). Finished SpeechCLIP runs of the same configuration are
+    reused (not with `retrain`) and get no job: returned as the dict."""
     encoders = out / "encoders"
     if finished_pretraining(encoders / "hubert", spec.hubert) is None:
         _drop_state_caches(out / "cache")  # before any job builds a state cache of this build's upstreams
@@ -192,11 +193,12 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
     finished = {name: None if retrain else finished_run(*run) for name, run in runs.items()}
     if finished["random"] is None:
         jobs.append(Job("random", train_job, (*runs["random"], "random"), after=("mini CLIP",)))
-    if finished["pretrained"] is None or finished.get("plus", True) is None:
-        jobs.append(Job("pretrained caches", caches_job, (runs["pretrained"][0],), after=("mini CLIP", "mini HuBERT")))
-    for name in ("pretrained", "plus"):
-        if name in runs and finished[name] is None:
-            jobs.append(Job(name, train_job, (*runs[name], name), after=("pretrained caches",), whole_machine=True))
+    if finished["pretrained"] is None:
+        jobs.append(Job("pretrained", train_job, (*runs["pretrained"], "pretrained"), after=("mini CLIP", "mini HuBERT"),
+                        whole_machine=True))
+    if plus and finished["plus"] is None:  # after the pretrained run, whose upstream-state cache it reads
+        after = ("pretrained",) if finished["pretrained"] is None else ("mini CLIP", "mini HuBERT")
+        jobs.append(Job("plus", train_job, (*runs["plus"], "plus"), after=after, whole_machine=True))
     return jobs, {name: summary for name, summary in finished.items() if summary is not None}
 
 

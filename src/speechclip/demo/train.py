@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..train.config import run_config_from_dict
-from ..train.run import build_caches, fit
+from ..train.run import fit
 from .memory import release_free_memory
 
 
@@ -74,8 +74,3 @@ def train_job(values: dict, encoders: dict, run_dir: Path, name: str) -> dict:
     """One SpeechCLIP run as a job of the demo's schedule (`schedule.run_jobs`): step lines, no bars."""
     return train_one(values, encoders, run_dir, name, bars=False)
 
-
-def caches_job(values: dict) -> None:
-    """The run's image embeddings and upstream-state caches, built before it trains (`train.run.build_caches`):
-    on one thread beside the control, so the run itself can start on every thread once the control is done."""
-    build_caches(run_config_from_dict(values), progress=False)

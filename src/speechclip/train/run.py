@@ -100,15 +100,6 @@ def _load(config: RunConfig, progress: bool) -> tuple[SpeechCLIP, SpeechImageDat
     return model, datamodule
 
 
-def build_caches(config: RunConfig, progress: bool = True) -> None:
-    """Build what `fit` reads before its first step (the image embeddings, and the upstream-state caches where
-    train.cache_upstream_states is on) without training: a run started later finds them on disk. The demo
-    builds its pretrained run's caches on one thread beside its control, then trains on every thread."""
-    check_run_config(config)
-    _, datamodule = _load(config, progress)
-    datamodule.setup("fit")
-
-
 def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
         callbacks: Sequence[Callback] = (), overwrite: bool = False) -> dict:
     """Train into `run_dir`. A folder holding a run needs `resume` (continue from checkpoints/last.ckpt:
