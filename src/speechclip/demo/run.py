@@ -44,9 +44,10 @@ from .spec import DemoSpec, speechclip_config
 from .train import finished_run, train_job
 
 GiB = 1 << 30
-# What a full build needs: the process tree's peak PSS with room to spare (measured 3.4-3.6 GiB on draws 0-3 at
-# stop 29, 3.5-3.7 from nothing on stop 30's fresh clones, RESULTS.md "demo stages"; benchmarks/demo_memory.py),
-# and the folder's size when finished (corpus, encoders, state caches, runs).
+# What a full build needs: the process tree's peak PSS with room to spare (4.4 GiB from nothing on stop 32's fresh
+# clones, in stage 2 while the mini HuBERT pre-trains beside the control; 3.5-3.7 at stop 30, when they ran one after
+# the other; RESULTS.md "demo stages", benchmarks/demo_memory.py), and the folder's size when finished (corpus,
+# encoders, state caches, runs).
 FULL_BUILD_MEMORY, FULL_BUILD_DISK = 6 * GiB, 5 * GiB
 QUICK_BUILD_MEMORY, QUICK_BUILD_DISK = 2 * GiB, GiB // 4
 
