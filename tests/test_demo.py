@@ -98,7 +98,7 @@ def _check_keywords(out, results: dict) -> None:
             assert counts == [kw["utterances"]] * fixed
 
 
-def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(capsys):
+def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(monkeypatch, capsys):
     """Two one-thread lanes on two threads: a job starts once the jobs it needs are done, a whole-machine job
     runs alone on every thread, and a failure is reported, skips what needs it, and lets the rest go on."""
     import os
@@ -107,6 +107,8 @@ def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(capsys):
     import torch
 
     from speechclip.demo.schedule import Job, run_jobs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU machine the jobs would run in process
 
     schedule = run_jobs([Job("slow", time.sleep, (1.0,)),
                          Job("beside", torch.get_num_threads),
@@ -117,6 +119,7 @@ def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(capsys):
     assert schedule.results["beside"] == 1 and schedule.results["after slow"] == 1
     assert schedule.results["alone"] == 2 and schedule.threads["alone"] == 2
     assert schedule.spans["after slow"][0] >= schedule.spans["slow"][1]
+    assert schedule.spans["beside"][0] < schedule.spans["slow"][1]  # the two lanes really run side by side
     alone = schedule.spans["alone"]
     assert all(end <= alone[0] or start >= alone[1] for name, (start, end) in schedule.spans.items() if name != "alone")
     assert set(schedule.failures) == {"broken", "needs broken"} and "needs broken" not in schedule.spans
@@ -128,15 +131,67 @@ def test_jobs_run_after_what_they_need_on_their_share_of_the_threads(capsys):
         run_jobs([Job("early", time.sleep, (0,), after=("late",)), Job("late", time.sleep, (0,))], threads=2)
 
 
-def test_jobs_run_one_after_the_other_on_one_thread():
+def test_a_worker_that_dies_is_named_and_stops_what_has_not_started(capsys):
+    """A worker killed (the kernel's out-of-memory killer, here SIGABRT) breaks the pool: the job is named,
+    and the jobs not yet started are skipped with the reason instead of failing on a broken pool."""
+    import os
+
+    from speechclip.demo.schedule import Job, run_jobs
+
+    schedule = run_jobs([Job("dies", os.abort, whole_machine=True), Job("next", os.getpid)], threads=2)
+    assert set(schedule.failures) == {"dies", "next"} and not schedule.results
+    printed = capsys.readouterr().out
+    assert "dies: stopped, since a worker process died" in printed and "next: not run, since a worker process died" in printed
+
+
+def test_jobs_run_one_after_the_other_on_one_thread(monkeypatch, capsys):
     import os
 
     import torch
 
     from speechclip.demo.schedule import Job, run_jobs
 
-    schedule = run_jobs([Job("pid", os.getpid), Job("threads", torch.get_num_threads, after=("pid",))], threads=1)
-    assert schedule.results["pid"] == os.getpid() and schedule.threads == {"pid": 1, "threads": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    schedule = run_jobs([Job("broken", os.stat, ("/no-such-file",)), Job("needs broken", os.getpid, after=("broken",)),
+                         Job("pid", os.getpid), Job("threads", torch.get_num_threads, after=("pid",))], threads=1)
+    assert schedule.results == {"pid": os.getpid(), "threads": torch.get_num_threads()}  # in this process
+    assert set(schedule.failures) == {"broken", "needs broken"}
+    assert "needs broken: not run, since broken failed" in capsys.readouterr().out
+
+
+def test_stage_two_gives_jobs_only_to_what_is_not_finished(monkeypatch, tmp_path):
+    """What `_jobs` schedules: everything on a first build; nothing already finished (a pre-training of the same
+    spec, a run of the same configuration), and no wait on it; with --retrain every SpeechCLIP run again."""
+    import speechclip.demo.run as demo_run
+    from speechclip.demo.spec import DemoSpec
+
+    spec = DemoSpec.quick()
+    finished_encoders, finished_runs = set(), set()
+    monkeypatch.setattr(demo_run, "finished_pretraining", lambda folder, s: {"spec": {}} if folder.name in finished_encoders else None)
+    monkeypatch.setattr(demo_run, "finished_run", lambda values, encoders, run_dir: {"global_step": 1} if run_dir.name in finished_runs else None)
+    monkeypatch.setattr(demo_run, "runs_in_workers", lambda threads: True)
+
+    def plan(retrain=False, plus=True):
+        jobs, done = demo_run._jobs(tmp_path, spec, tmp_path / "corpus", [], retrain, plus)
+        return {job.name: (job.after, job.whole_machine) for job in jobs}, set(done)
+
+    jobs, done = plan()
+    assert jobs == {"mini CLIP": ((), False), "mini HuBERT": ((), False), "random": (("mini CLIP",), False),
+                    "pretrained": (("mini CLIP", "mini HuBERT"), True), "plus": (("mini CLIP", "mini HuBERT", "pretrained"), True)}
+    assert not done
+    finished_encoders.update({"clip", "hubert"})
+    finished_runs.update({"pretrained", "random"})
+    jobs, done = plan()
+    assert jobs == {"plus": ((), True)} and done == {"mini CLIP", "mini HuBERT", "pretrained", "random"}
+    jobs, done = plan(retrain=True, plus=False)
+    assert jobs == {"random": ((), False), "pretrained": ((), True)} and done == {"mini CLIP", "mini HuBERT"}
+    caches = tmp_path / "cache" / "upstream_states" / "some-upstream"
+    caches.mkdir(parents=True)
+    plan()  # the mini HuBERT's pre-training is finished: its state caches stay
+    assert caches.is_dir()
+    finished_encoders.discard("hubert")
+    plan()  # it will be pre-trained again: the caches of the old one go before any job builds new ones
+    assert not caches.exists()
 
 
 def test_the_demo_runs_trim_the_heap_after_validation_not_between_steps(monkeypatch, tmp_path):

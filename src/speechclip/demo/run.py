@@ -44,10 +44,9 @@ from .spec import DemoSpec, speechclip_config
 from .train import finished_run, train_job
 
 GiB = 1 << 30
-# What a full build needs: the process tree's peak PSS with room to spare (4.4 GiB from nothing on stop 32's fresh
-# clones, in stage 2 while the mini HuBERT pre-trains beside the control; 3.5-3.7 at stop 30, when they ran one after
-# the other; RESULTS.md "demo stages", benchmarks/demo_memory.py), and the folder's size when finished (corpus,
-# encoders, state caches, runs).
+# What a full build needs: the process tree's peak PSS with room to spare (4.3-4.4 GiB on stop 32's draws 0-3, in
+# stage 2, where two jobs run side by side; 3.5-3.7 at stop 30, before stage 2's jobs; RESULTS.md "demo stages",
+# benchmarks/demo_memory.py), and the folder's size when finished (corpus, encoders, state caches, runs).
 FULL_BUILD_MEMORY, FULL_BUILD_DISK = 6 * GiB, 5 * GiB
 QUICK_BUILD_MEMORY, QUICK_BUILD_DISK = 2 * GiB, GiB // 4
 
@@ -147,25 +146,26 @@ def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) 
         corpus = build_corpus(corpus_dir, spec.corpus)
         train_items = read_dataset("manifest", str(corpus_dir), "train")
     with stage("2. pre-train mini CLIP and mini HuBERT, train SpeechCLIP and the control"):
-        jobs, runs = _jobs(out, spec, corpus_dir, train_items, retrain, plus)
+        jobs, done = _jobs(out, spec, corpus_dir, train_items, retrain, plus)
         del train_items
         schedule = run_jobs(jobs, torch.get_num_threads())
         schedule.raise_first_failure()
-        clip_log, hubert_log = schedule.results["mini CLIP"], schedule.results["mini HuBERT"]
-        runs.update({name: schedule.results[name] for name in RUN_NAMES if name in schedule.results})
+        done.update(schedule.results)
+        runs = {name: done[name] for name in RUN_NAMES if name in done}
     with stage("3. evaluate on the test split"):
         results = _evaluate(out, corpus_dir, out / "encoders" / "clip", list(runs), spec.corpus.test_folds)
         results["control_step"] = same_step_validation(out / "runs", spec.control_steps)
     with stage("4. pictures"):
-        write_pictures(out, results, clip_log, hubert_log)
+        write_pictures(out, results, done[CLIP_JOB], done[HUBERT_JOB])
     results.update(corpus=corpus, stage_seconds=stage.seconds, stage_peak_memory_mib=stage.peak_mib,
                    jobs={name: {"start": s, "end": e, "threads": schedule.threads[name]} for name, (s, e) in sorted(schedule.spans.items(), key=lambda span: span[1])},
                    arithmetic="bf16 autocast" if spec.computes_bf16 else "fp32",
                    total_seconds=round(time.perf_counter() - started, 1),
-                   pretraining={"clip": _short(clip_log), "hubert": _short(hubert_log)}, training=runs)
+                   pretraining={"clip": _short(done[CLIP_JOB]), "hubert": _short(done[HUBERT_JOB])}, training=runs)
     return results
 
 
+CLIP_JOB, HUBERT_JOB = "mini CLIP", "mini HuBERT"
 RUN_NAMES = ("pretrained", "random", "plus")  # the SpeechCLIP runs, by their folders under runs/
 
 
@@ -173,17 +173,29 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
           plus: bool) -> tuple[list[Job], dict]:
     """Stage 2 as jobs (`schedule.py`): the mini CLIP and the mini HuBERT side by side on one thread each;
     the control once the mini CLIP is done, beside the mini HuBERT; then the pretrained run on every thread
-    (its upstream-state cache first: on one thread beside the control it left the other core idle for 69 s
-    of the 632, RESULTS.md "demo stages", stop 32). Finished SpeechCLIP runs of the same configuration are
-    reused (not with `retrain`) and get no job: returned as the dict."""
+    (it builds its upstream-state cache first: as a one-thread job of its own, alone once the control had
+    ended, that cache left the other core idle for 69 s of stage 2's 636, RESULTS.md "demo stages", stop 32).
+    What is already finished gets no job: pre-trainings of the same spec, and SpeechCLIP runs of the same
+    configuration (not with `retrain`); their logs come back as the dict, by job name.
+
+    Fixed thread counts have a cost where the encoders are reused (`--retrain`): the control then trains
+    alone on one thread while the other core waits for the pretrained run, which needs both."""
     encoders = out / "encoders"
-    if finished_pretraining(encoders / "hubert", spec.hubert) is None:
+    done: dict[str, dict] = {}
+    for name, folder, pretraining in ((CLIP_JOB, encoders / "clip", spec.clip), (HUBERT_JOB, encoders / "hubert", spec.hubert)):
+        log = finished_pretraining(folder, pretraining)
+        if log is not None:
+            done[name] = {**log, "reused": True}
+    if HUBERT_JOB not in done:
         _drop_state_caches(out / "cache")  # before any job builds a state cache of this build's upstreams
     _random_upstream(encoders / "hubert-random", spec)
-    pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
     bars = not runs_in_workers(torch.get_num_threads())
-    jobs = [Job("mini CLIP", pretrain_clip_job, (encoders / "clip", spec.clip, pairs, bars)),
-            Job("mini HuBERT", pretrain_hubert_job, (encoders / "hubert", spec.hubert, [i.audio for i in train_items], bars))]
+    jobs: list[Job] = []
+    if CLIP_JOB not in done:
+        pairs = list(dict.fromkeys((i.image, i.text) for i in train_items))  # a caption in two voices is one pair
+        jobs.append(Job(CLIP_JOB, pretrain_clip_job, (encoders / "clip", spec.clip, pairs, bars)))
+    if HUBERT_JOB not in done:
+        jobs.append(Job(HUBERT_JOB, pretrain_hubert_job, (encoders / "hubert", spec.hubert, [i.audio for i in train_items], bars)))
     specs = {"clip": wanted_spec(spec.clip), "hubert": wanted_spec(spec.hubert)}
     config = lambda folder, variant="hybrid", steps=None: speechclip_config(  # noqa: E731
         spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant, steps)
@@ -191,16 +203,20 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
             "random": (config("hubert-random", steps=spec.control_steps), specs, out / "runs" / "random")}
     if plus:
         runs["plus"] = (config("hubert", "hybrid_plus"), specs, out / "runs" / "plus")
-    finished = {name: None if retrain else finished_run(*run) for name, run in runs.items()}
-    if finished["random"] is None:
-        jobs.append(Job("random", train_job, (*runs["random"], "random"), after=("mini CLIP",)))
-    if finished["pretrained"] is None:
-        jobs.append(Job("pretrained", train_job, (*runs["pretrained"], "pretrained"), after=("mini CLIP", "mini HuBERT"),
+    for name, run in runs.items():
+        summary = None if retrain else finished_run(*run)
+        if summary is not None:
+            done[name] = summary
+    waiting = lambda *names: tuple(name for name in names if name not in done)  # noqa: E731 - only jobs that run
+    if "random" not in done:
+        jobs.append(Job("random", train_job, (*runs["random"], "random", bars), after=waiting(CLIP_JOB)))
+    if "pretrained" not in done:
+        jobs.append(Job("pretrained", train_job, (*runs["pretrained"], "pretrained", bars),
+                        after=waiting(CLIP_JOB, HUBERT_JOB), whole_machine=True))
+    if plus and "plus" not in done:  # after the pretrained run, whose upstream-state cache it reads
+        jobs.append(Job("plus", train_job, (*runs["plus"], "plus", bars), after=waiting(CLIP_JOB, HUBERT_JOB, "pretrained"),
                         whole_machine=True))
-    if plus and finished["plus"] is None:  # after the pretrained run, whose upstream-state cache it reads
-        after = ("pretrained",) if finished["pretrained"] is None else ("mini CLIP", "mini HuBERT")
-        jobs.append(Job("plus", train_job, (*runs["plus"], "plus"), after=after, whole_machine=True))
-    return jobs, {name: summary for name, summary in finished.items() if summary is not None}
+    return jobs, done
 
 
 def pretrain_clip_job(folder: Path, spec: MiniCLIPSpec, pairs: list, bars: bool) -> dict:

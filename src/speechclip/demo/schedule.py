@@ -14,15 +14,18 @@ decides is only when a job starts.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
 from ..quiet import quiet_libraries
+from .memory import release_free_memory
 
 HEARTBEAT_SECONDS = 60.0  # a line while jobs run: the workers print little of their own
 
@@ -57,7 +60,11 @@ class Schedule:
 def _in_worker(threads: int, function: Callable[..., Any], *args) -> Any:
     quiet_libraries()
     torch.set_num_threads(threads)
-    return function(*args)
+    try:
+        return function(*args)
+    finally:  # a worker runs several jobs: hand what this one freed back before the next (the old stages did)
+        gc.collect()
+        release_free_memory()
 
 
 def runs_in_workers(threads: int, lanes: int = 2) -> bool:
@@ -83,12 +90,13 @@ def run_jobs(jobs: list[Job], threads: int, lanes: int = 2) -> Schedule:
 
 
 def _blocked_by(job: Job, schedule: Schedule) -> str | None:
-    return next((name for name in job.after if name in schedule.failures), None)
+    """Why `job` cannot run any more (a job it needs failed), or None."""
+    return next((f"{name} failed" for name in job.after if name in schedule.failures), None)
 
 
-def _skip(job: Job, blocker: str, schedule: Schedule) -> None:
-    schedule.failures[job.name] = RuntimeError(f"{job.name}: not run, since {blocker} failed")
-    print(f"[demo] {job.name}: not run, since {blocker} failed", flush=True)
+def _skip(job: Job, reason: str, schedule: Schedule) -> None:
+    schedule.failures[job.name] = RuntimeError(f"{job.name}: not run, since {reason}")
+    print(f"[demo] {job.name}: not run, since {reason}", flush=True)
 
 
 def _fail(job: Job, error: BaseException, schedule: Schedule) -> None:
@@ -103,24 +111,30 @@ def _run_in_process(jobs: list[Job], threads: int, schedule: Schedule) -> None:
         if blocker:
             _skip(job, blocker, schedule)
             continue
-        begin = time.perf_counter() - started
+        begin = round(time.perf_counter() - started, 1)
         try:
             schedule.results[job.name] = job.function(*job.args)
         except Exception as error:  # noqa: BLE001 - reported, and the jobs that do not need it go on
             _fail(job, error, schedule)
-        schedule.spans[job.name] = (round(begin, 1), round(time.perf_counter() - started, 1))
-        schedule.threads[job.name] = threads
+        finally:
+            gc.collect()
+            release_free_memory()
+        schedule.spans[job.name] = (begin, round(time.perf_counter() - started, 1))
+        schedule.threads[job.name] = torch.get_num_threads()
 
 
 def _run_in_workers(jobs: list[Job], threads: int, lanes: int, schedule: Schedule) -> None:
+    """Ready jobs start in list order: one that does not fit yet (a whole-machine job while another runs) holds
+    back the jobs after it, so it is not overtaken for ever."""
     share = max(1, threads // lanes)
     pending = list(jobs)
     running: dict[Future, tuple[Job, float]] = {}
     started = time.perf_counter()
+    broken = False  # a worker died (killed: out of memory?): the pool takes no more jobs
     with ProcessPoolExecutor(lanes, mp_context=multiprocessing.get_context("spawn")) as pool:
         while pending or running:
             for job in list(pending):
-                blocker = _blocked_by(job, schedule)
+                blocker = _blocked_by(job, schedule) or ("a worker process died" if broken else None)
                 if blocker:
                     pending.remove(job)
                     _skip(job, blocker, schedule)
@@ -130,23 +144,29 @@ def _run_in_workers(jobs: list[Job], threads: int, lanes: int, schedule: Schedul
                 wanted = threads if job.whole_machine else share
                 busy = sum(schedule.threads[j.name] for j, _ in running.values())
                 if busy + wanted > threads or len(running) >= lanes:
-                    continue
+                    break
                 pending.remove(job)
                 schedule.threads[job.name] = wanted
-                now = time.perf_counter() - started
+                now = round(time.perf_counter() - started, 1)
                 print(f"[demo] {job.name}: started at {now:.0f} s on {wanted} thread{'s' * (wanted > 1)}", flush=True)
                 running[pool.submit(_in_worker, wanted, job.function, *job.args)] = (job, now)
-            if not running:  # nothing runnable: what is left waits on failed jobs (handled above) or nothing
+            if not running:
+                if pending:  # cannot happen: every job waits only on jobs listed before it (run_jobs checks)
+                    raise RuntimeError(f"jobs {[j.name for j in pending]} can never start")
                 break
             done, _ = wait(running, timeout=HEARTBEAT_SECONDS, return_when=FIRST_COMPLETED)
-            now = time.perf_counter() - started
+            now = round(time.perf_counter() - started, 1)
             if not done:
                 print(f"[demo] {now:.0f} s: running " + ", ".join(j.name for j, _ in running.values()), flush=True)
             for future in done:
                 job, begin = running.pop(future)
-                schedule.spans[job.name] = (round(begin, 1), round(now, 1))
+                schedule.spans[job.name] = (begin, now)
                 try:
                     schedule.results[job.name] = future.result()
                     print(f"[demo] {job.name}: done at {now:.0f} s ({now - begin:.0f} s)", flush=True)
+                except BrokenProcessPool:
+                    broken = True
+                    _fail(job, RuntimeError(f"{job.name}: stopped, since a worker process died (killed: out of memory? "
+                                            "the demo's peak is about 4.4 GiB)"), schedule)
                 except Exception as error:  # noqa: BLE001 - reported, and the jobs that do not need it go on
                     _fail(job, error, schedule)

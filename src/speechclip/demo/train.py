@@ -70,7 +70,8 @@ class StepLines(Callback):
                   f"{time.perf_counter() - self.started:.0f} s", flush=True)
 
 
-def train_job(values: dict, encoders: dict, run_dir: Path, name: str) -> dict:
-    """One SpeechCLIP run as a job of the demo's schedule (`schedule.run_jobs`): step lines, no bars."""
-    return train_one(values, encoders, run_dir, name, bars=False)
+def train_job(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool) -> dict:
+    """One SpeechCLIP run as a job of the demo's schedule (`schedule.run_jobs`); bars=False (in worker
+    processes, which share a terminal): step lines instead."""
+    return train_one(values, encoders, run_dir, name, bars=bars)
 
