@@ -41,7 +41,7 @@ from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_fre
 from .report import format_demo_table, write_pictures
 from .schedule import Job, run_jobs, runs_in_workers
 from .spec import DemoSpec, speechclip_config
-from .train import finished_run, train_job
+from .train import finished_run, train_one
 
 GiB = 1 << 30
 # What a full build needs: the process tree's peak PSS with room to spare (4.3-4.4 GiB on stop 32's draws 0-3, in
@@ -209,12 +209,12 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
             done[name] = summary
     waiting = lambda *names: tuple(name for name in names if name not in done)  # noqa: E731 - only jobs that run
     if "random" not in done:
-        jobs.append(Job("random", train_job, (*runs["random"], "random", bars), after=waiting(CLIP_JOB)))
+        jobs.append(Job("random", train_one, (*runs["random"], "random", bars), after=waiting(CLIP_JOB)))
     if "pretrained" not in done:
-        jobs.append(Job("pretrained", train_job, (*runs["pretrained"], "pretrained", bars),
+        jobs.append(Job("pretrained", train_one, (*runs["pretrained"], "pretrained", bars),
                         after=waiting(CLIP_JOB, HUBERT_JOB), whole_machine=True))
     if plus and "plus" not in done:  # after the pretrained run, whose upstream-state cache it reads
-        jobs.append(Job("plus", train_job, (*runs["plus"], "plus", bars), after=waiting(CLIP_JOB, HUBERT_JOB, "pretrained"),
+        jobs.append(Job("plus", train_one, (*runs["plus"], "plus", bars), after=waiting(CLIP_JOB, HUBERT_JOB, "pretrained"),
                         whole_machine=True))
     return jobs, done
 

@@ -29,7 +29,8 @@ def finished_run(values: dict, encoders: dict, run_dir: Path) -> dict | None:
 
 
 def train_one(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool = True) -> dict:
-    """bars=False: step lines instead of progress bars."""
+    """One SpeechCLIP run (also a job of the demo's schedule, `schedule.run_jobs`); bars=False, in worker
+    processes that share a terminal: step lines instead of progress bars."""
     print(f"[demo] {name}: training ({torch.get_num_threads()} threads)", flush=True)
     callbacks = [ReleaseFreeMemory()] + ([] if bars else [StepLines(name)])
     # the demo owns its run folders: a run it decided to train again replaces the old one
@@ -68,10 +69,4 @@ class StepLines(Callback):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             print(f"[demo] {self.name}: step {step}/{total}, loss {float(loss):.3f}, "
                   f"{time.perf_counter() - self.started:.0f} s", flush=True)
-
-
-def train_job(values: dict, encoders: dict, run_dir: Path, name: str, bars: bool) -> dict:
-    """One SpeechCLIP run as a job of the demo's schedule (`schedule.run_jobs`); bars=False (in worker
-    processes, which share a terminal): step lines instead."""
-    return train_one(values, encoders, run_dir, name, bars=bars)
 
