@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from speechclip.demo.memory import MiB, TreeSampler, check_resources, tree_memory
+from speechclip.demo.memory import MiB, TreeSampler, check_resources, size, tree_memory
 
 
 def test_tree_memory_counts_a_child_process():
@@ -49,6 +49,12 @@ def test_check_resources_names_what_is_missing(tmp_path):
     assert "free memory" in check_resources(tmp_path, memory=1 << 60, disk=0)
     message = check_resources(tmp_path, memory=0, disk=1 << 60)
     assert "disk" in message and str(tmp_path) in message
+
+
+def test_sizes_under_a_gib_read_in_mib():
+    # CI once printed "needs 0.2 GiB of free disk (free now: 0.2 GiB)": 256 MiB needed, about 200 free
+    assert size(256 << 20) == "256 MiB" and size(200 << 20) == "200 MiB"
+    assert size(6 << 30) == "6.0 GiB"
 
 
 def test_demo_refuses_to_start_without_room(tmp_path, monkeypatch):

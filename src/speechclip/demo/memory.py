@@ -170,10 +170,15 @@ def check_resources(folder: Path, memory: int, disk: int) -> str | None:
     free_memory = available_memory()
     problems = []
     if free_memory is not None and free_memory < memory:
-        problems.append(f"{memory / 2**30:.1f} GiB of free memory (available now: {free_memory / 2**30:.1f} GiB)")
+        problems.append(f"{size(memory)} of free memory (available now: {size(free_memory)})")
     if free_disk < disk:
-        problems.append(f"{disk / 2**30:.1f} GiB of free disk under {folder} (free now: {free_disk / 2**30:.1f} GiB)")
+        problems.append(f"{size(disk)} of free disk under {folder} (free now: {size(free_disk)})")
     return ("needs " + " and ".join(problems)) if problems else None
+
+
+def size(count: int) -> str:
+    """Bytes as GiB, or as MiB below one GiB, where one decimal of a GiB would read "needs 0.2, free 0.2"."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def folder_bytes(folder: Path) -> int:
