@@ -180,3 +180,22 @@ def test_api_edges(saved):
         model.keywords([saved["wav"]], top_k=0)
     with pytest.raises(ValueError, match=r"texts\[1\]: expected a string"):
         model.encode_text(["a cat", 3])
+
+
+def test_search_arguments_are_checked_before_any_work(saved, capsys):
+    search = ("search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]))
+    assert _cli(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None
+    assert _cli(capsys, *search, "--audio", " ") == "speechclip: error: --audio: empty"
+    assert _cli(capsys, *search, "--text", "a red square", "-k", "0") == "speechclip: error: -k 0: must be at least 1"
+
+
+def test_an_interrupt_is_one_line_not_a_traceback(saved, capsys, monkeypatch):
+    import speechclip.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "cmd_keywords", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"])])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 130 and err.startswith("speechclip keywords: interrupted") and len(err.splitlines()) == 1

@@ -184,7 +184,8 @@ def _write_shards(folder, vectors, ids, shard_size):
     """A manifest folder of `vectors` in shards, as `speechclip embed` writes it."""
     collection = embed_module.Collection("image", ids, ids)
     for number, (start, stop) in enumerate(collection.shards(shard_size)):
-        embed_module.write_shard(shard_path(folder, "image", number), torch.from_numpy(vectors[start:stop]), ids[start:stop], {})
+        embed_module.write_shard(shard_path(folder, "image", number), torch.from_numpy(vectors[start:stop]), ids[start:stop],
+                                  {"kind": "image", "shard": number})
     embed_module.write_manifest(folder, [collection], shard_size, {})
 
 
@@ -257,3 +258,55 @@ def test_a_bad_clip_is_named(model, items, tmp_path):
     with pytest.raises(ValueError, match="nope.wav: no such audio file"):
         embed_collection(model, [items[0].__class__(audio=tmp_path / "nope.wav", image=items[0].image, image_id="y")],
                          tmp_path / "out2", what=["speech"])
+
+
+def test_arguments_that_would_fail_part_way_are_refused_first(model, items, tmp_path):
+    for sizes, flag in (({"shard_size": -3}, "--shard-size=-3"), ({"batch_size": 0}, "--batch-size=0")):
+        with pytest.raises(ValueError, match=flag):  # -3 used to write an empty manifest and exit 0
+            embed_collection(model, items, tmp_path / "a", **sizes)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        embed_collection(model, items, tmp_path / "file")
+    with pytest.raises(ValueError, match="no items to embed as speech, image, text"):
+        embed_collection(model, [], tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_index_refuses_shards_that_disagree_with_the_manifest(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    ids = [f"v{i}" for i in range(30)]
+    folder = tmp_path / "shards"
+    _write_shards(folder, vectors, ids, shard_size=10)
+    second = shard_path(folder, "image", 1).read_bytes()
+    shard_path(folder, "image", 2).write_bytes(second)  # a shard copied under another's name: same row count
+    with pytest.raises(ValueError, match=r"image-00002.safetensors: holds \(10, 8\) image embeddings of shard 1, where the manifest lists 10 x 8 image of shard 2"):
+        build_index_from_embeddings(folder, tmp_path / "i1", "flat", report=lambda line: None)
+    shard_path(folder, "image", 2).write_bytes(second[:100])  # cut short
+    with pytest.raises(ValueError, match=r"image-00002.safetensors: unreadable shard"):
+        build_index_from_embeddings(folder, tmp_path / "i2", "flat", report=lambda line: None)
+    (folder / MANIFEST).write_text(json.dumps({"format": embed_module.FORMAT}))
+    with pytest.raises(ValueError, match=r"manifest.json: no 'kinds'"):
+        build_index_from_embeddings(folder, tmp_path / "i3", "flat", report=lambda line: None)
+    (folder / MANIFEST).write_text(json.dumps({"format": embed_module.FORMAT, "kinds": {"image": {"count": 30, "dim": 8}}}))
+    with pytest.raises(ValueError, match=r"manifest.json: kinds.image lacks or misstates 'shards'"):
+        build_index_from_embeddings(folder, tmp_path / "i4", "flat", report=lambda line: None)
+    assert not any((tmp_path / f"i{n}").exists() for n in range(1, 5))
+
+
+def test_search_refuses_a_model_whose_embeddings_the_index_cannot_be_compared_with(model, encoders, items, tmp_path):
+    embed_collection(model, items, tmp_path / "emb", what=["speech", "image"], batch_size=4)
+    speech = build_index_from_embeddings(tmp_path / "emb", tmp_path / "speech", "flat", what="speech", report=lambda line: None)
+    image = build_index_from_embeddings(tmp_path / "emb", tmp_path / "image", "flat", what="image", report=lambda line: None)
+    torch.manual_seed(1)
+    other_heads = SpeechCLIP(tiny_model_config(encoders, "parallel")).eval()  # the same CLIP, other heads
+    for index in (EmbeddingIndex.load(tmp_path / "speech"), EmbeddingIndex.load(tmp_path / "image")):
+        index.check_query_model(model)  # the model that embedded them
+    EmbeddingIndex.load(tmp_path / "image").check_query_model(other_heads)  # image vectors are the CLIP's alone
+    with pytest.raises(ValueError, match="speech embeddings of another model"):
+        EmbeddingIndex.load(tmp_path / "speech").check_query_model(other_heads)
+    image.origin["encoders"]["clip"] = "0" * 16  # as if embedded with another CLIP
+    image.save(tmp_path / "image")
+    with pytest.raises(ValueError, match="embedded with another CLIP"):
+        EmbeddingIndex.load(tmp_path / "image").check_query_model(model)
+    assert speech.origin["what"] == "speech"

@@ -76,3 +76,30 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
     assert all(abs(hits[0][1] - 1.0) < 0.1 for hits in scores)  # scores are cosines, not PQ distances
     reloaded = EmbeddingIndex.load(compressed.save(tmp_path / "pq"))
     assert reloaded.params == compressed.params and (reloaded.search_rows(queries, 10)[1] == found).all()
+
+
+def test_bad_parameters_and_damaged_folders_are_named(tmp_path):
+    vectors, ids = _clustered(200), [str(i) for i in range(200)]
+    # FAISS's own k-means error would be a C++ stack: the plan says what is too few first
+    with pytest.raises(ValueError, match=r"--kind ivfpq: 200 vectors are too few to train 256 centroids"):
+        EmbeddingIndex.build(vectors, ids, "ivfpq")
+    with pytest.raises(ValueError, match=r"--kind ivf: 200 vectors are too few to train 500 centroids"):
+        EmbeddingIndex.build(vectors, ids, "ivf", nlist=500)
+    for option in ({"nlist": 0}, {"nprobe": 0}, {"m": 0}, {"refine": -5}):  # 0 used to read as "not given"
+        with pytest.raises(ValueError, match=f"--{next(iter(option))}="):
+            EmbeddingIndex.build(_clustered(3000), [str(i) for i in range(3000)], "ivfpq", **option)
+    index = EmbeddingIndex.build(vectors, ids, "flat")
+    with pytest.raises(ValueError, match="k=0: must be at least 1"):
+        index.search(vectors[:1], k=0)
+    folder = index.save(tmp_path / "idx")
+    data = (folder / "index.faiss").read_bytes()
+    (folder / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"index.faiss: unreadable \(.*\); build the index again"):
+        EmbeddingIndex.load(folder)
+    (folder / "index.faiss").write_bytes(data)
+    (folder / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match=r"meta.json: not valid JSON"):
+        EmbeddingIndex.load(folder)
+    (folder / "meta.json").write_text('{"kind": "flat"}')
+    with pytest.raises(ValueError, match=r"meta.json: lacks 'params'"):
+        EmbeddingIndex.load(folder)

@@ -31,14 +31,16 @@ def cmd_train(args) -> None:
 
 
 def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
-    from .train.config import load_run_config
+    from .train.config import check_run_config, load_run_config
 
     if config is None:
         candidate = checkpoint.parent / "run.yaml"
         if not candidate.is_file():
             raise SystemExit(f"{checkpoint}: no --config given and no run.yaml beside it")
         config = str(candidate)
-    return load_run_config(config, overrides)
+    run_config = load_run_config(config, overrides)
+    check_run_config(run_config)  # as `train` does: eval_batch_size, data options, ...
+    return run_config
 
 
 def cmd_eval(args) -> None:
@@ -118,14 +120,21 @@ def cmd_search(args) -> None:
     from .index import EmbeddingIndex
     from .model import SpeechCLIP
 
+    given = {"--audio": args.audio, "--text": args.text, "--image": args.image}
+    empty = [flag for flag, value in given.items() if value is not None and not value.strip()]
+    if empty:
+        raise ValueError(f"{empty[0]}: empty")
+    if args.k < 1:
+        raise ValueError(f"-k {args.k}: must be at least 1")
+    index = EmbeddingIndex.load(Path(args.index))
     model = SpeechCLIP.from_pretrained(args.checkpoint)
-    if args.audio:
+    index.check_query_model(model)
+    if args.audio is not None:
         query = model.encode_speech([args.audio])
-    elif args.text:
+    elif args.text is not None:
         query = model.encode_text([args.text])
     else:
         query = model.encode_image([args.image])
-    index = EmbeddingIndex.load(Path(args.index))
     for rank, (item_id, score) in enumerate(index.search(query.numpy(), args.k)[0], start=1):
         print(f"{rank:3d}. {score:.3f}  {item_id}")
 
@@ -275,6 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as error:  # our errors name the file or field: show them plainly
         print(f"speechclip: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except KeyboardInterrupt:  # what is written is whole (shards, checkpoints, caches are renamed into place)
+        print(f"speechclip {args.command}: interrupted; what was finished is kept: run it again to go on "
+              "(train: with --resume)", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

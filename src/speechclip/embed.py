@@ -74,6 +74,18 @@ def collections(items: Sequence[SpokenCaption], what: Sequence[str]) -> list[Col
     return result
 
 
+def check_export(out: Path, todo: Sequence[Collection], batch_size: int, shard_size: int) -> None:
+    """Refuse, before any work, what would fail part way or write a folder with nothing in it."""
+    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be at least 1")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
+    empty = [collection.kind for collection in todo if not collection.ids]
+    if empty:
+        raise ValueError(f"no items to embed as {', '.join(empty)} (an empty manifest or split?)")
+
+
 def shard_path(out: Path, kind: str, number: int) -> Path:
     return Path(out) / f"{kind}-{number:05d}.safetensors"
 
@@ -133,7 +145,7 @@ def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: 
         raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} embeddings")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    metadata = {"ids": json.dumps(list(ids)), **{k: str(v) for k, v in meta.items()}}
+    metadata = {"ids": json.dumps(list(ids)), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
     save_file({"embeddings": embeddings.float().contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
@@ -141,7 +153,8 @@ def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: 
 
 def embed_meta(model: SpeechCLIP) -> dict:
     """What every shard and the manifest record of the model that wrote them."""
-    return {"upstream": model.config.upstream, "clip": model.config.clip, "model": model_fingerprint(model)}
+    return {"upstream": model.config.upstream, "clip": model.config.clip, "model": model_fingerprint(model),
+            "encoders": model.encoder_fingerprints()}
 
 
 def check_folder_model(out: Path, meta: dict) -> None:
@@ -212,6 +225,7 @@ def write_manifest(out: Path, done: Sequence[Collection], shard_size: int, meta:
             shards.append({"file": path.name, "count": stop - start})
         dim = _shard_dim(out / shards[0]["file"]) if shards else 0
         manifest["kinds"][collection.kind] = {"count": len(collection.ids), "dim": dim, "shards": shards}
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
@@ -246,6 +260,7 @@ def embed_collection(model: SpeechCLIP, items: Sequence[SpokenCaption], out: Pat
     model.eval()
     meta = embed_meta(model)
     todo = collections(items, what)
+    check_export(out, todo, batch_size, shard_size)
     done = finished_shards(out, todo, shard_size, meta)
     for collection in todo:
         for number, (start, stop) in enumerate(tqdm(collection.shards(shard_size), desc=f"{collection.kind} shards", disable=not progress)):
@@ -271,6 +286,7 @@ class EmbeddingSource:
     counts: list[int]  # rows per file
     dim: int
     legacy: bool = False
+    kind: str | None = None  # what each shard's metadata must say it holds (None: the earlier format)
 
     @property
     def count(self) -> int:
@@ -282,13 +298,28 @@ class EmbeddingSource:
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """(n, D) embeddings and their ids, one shard at a time."""
-        for path in self.files:
+        for number, path in enumerate(self.files):
             if self.legacy:
                 yield load_embeddings(path)
                 continue
+            yield self._read_shard(number, path)
+
+    def _read_shard(self, number: int, path: Path) -> tuple[torch.Tensor, list[str]]:
+        """One shard, checked against the manifest: the kind, number and rows it lists for this file (a shard
+        copied under another name, or cut short, is named instead of indexed)."""
+        try:
             with safe_open(str(path), framework="pt") as file:
-                ids = json.loads((file.metadata() or {})["ids"])
-                yield file.get_tensor("embeddings"), ids
+                metadata = file.metadata() or {}
+                vectors = file.get_tensor("embeddings")
+            ids = json.loads(metadata["ids"])
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise ValueError(f"{path}: unreadable shard ({error}); run `speechclip embed` again to rewrite it") from error
+        said = (metadata.get("kind"), metadata.get("shard"))
+        if said != (self.kind, str(number)) or not len(ids) == len(vectors) == self.counts[number] or tuple(vectors.shape[1:]) != (self.dim,):
+            raise ValueError(f"{path}: holds {tuple(vectors.shape)} {said[0]} embeddings of shard {said[1]}, where the "
+                             f"manifest lists {self.counts[number]} x {self.dim} {self.kind} of shard {number}; "
+                             "run `speechclip embed` again into an empty folder")
+        return vectors, ids
 
     def id_chars(self) -> int:
         """Mean id length in the first chunk (for the index's memory estimate)."""
@@ -304,13 +335,28 @@ def embedding_source(path: Path, what: str | None = None) -> EmbeddingSource:
     if path.is_file():
         vectors, _ = load_embeddings(path)
         return EmbeddingSource([path], [len(vectors)], vectors.shape[1], legacy=True)
-    kinds = read_manifest(path)["kinds"]
+    manifest = read_manifest(path)
+    kinds = manifest.get("kinds")
+    if not isinstance(kinds, dict):
+        raise ValueError(f"{path / MANIFEST}: no 'kinds' (not a finished `speechclip embed` folder)")
     if what is None and len(kinds) == 1:
         what = next(iter(kinds))
     if what not in kinds:
         raise ValueError(f"{path / MANIFEST}: choose --what from {sorted(kinds)}" + (f" (no {what!r})" if what else ""))
-    entry = kinds[what]
-    return EmbeddingSource([path / s["file"] for s in entry["shards"]], [s["count"] for s in entry["shards"]], entry["dim"])
+    try:
+        entry = kinds[what]
+        files, counts, dim = [path / s["file"] for s in entry["shards"]], [int(s["count"]) for s in entry["shards"]], int(entry["dim"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path / MANIFEST}: kinds.{what} lacks or misstates {error} (not a finished `speechclip embed` folder)") from None
+    if sum(counts) != entry.get("count", sum(counts)) or not counts:
+        raise ValueError(f"{path / MANIFEST}: kinds.{what} lists {sum(counts)} rows in {len(counts)} shards for a count of {entry.get('count')}")
+    return EmbeddingSource(files, counts, dim, kind=what)
+
+
+def source_model(path: Path) -> dict:
+    """What the manifest of an embeddings folder records of the model that wrote it ({} for the earlier format)."""
+    path = Path(path)
+    return read_manifest(path).get("model", {}) if path.is_dir() else {}
 
 
 class ShardRows:

@@ -77,6 +77,9 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
     re-scored with their exact vectors from disk (0: none)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    for name, value, least in (("nlist", nlist, 1), ("nprobe", nprobe, 1), ("m", m, 1), ("refine", refine, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"--{name}={value}: must be at least {least}")
     if kind == "auto":
         kind = "flat" if count <= EXACT_LIMIT else "ivf" if count <= IVF_LIMIT else "ivfpq"
     memory = {"ids": count * (id_chars + PY_STR_OVERHEAD)}
@@ -103,6 +106,11 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
         memory["codes"] = count * (m * nbits // 8 + ID_BYTES)
         memory["centroids"] = nlist * dim * 4 + (2**nbits) * dim * 4
     if kind in ("ivf", "ivfpq"):
+        centroids = max(plan.params["nlist"], 2 ** nbits if kind == "ivfpq" else 0)
+        if count < centroids:  # FAISS's k-means needs a training vector per centroid
+            raise ValueError(f"--kind {kind}: {count:,} vectors are too few to train {centroids:,} centroids "
+                             f"({'nlist' if centroids == plan.params['nlist'] else 'the 256 codes of each sub-quantizer'}); "
+                             "use --kind flat (exact), or fewer --nlist")
         wanted = 64 * plan.params["nlist"]  # k-means wants 39..256 points a centroid; PQ's 256 codes too
         plan.sample = min(count, max(wanted, 39 * 2 ** plan.params.get("nbits", 0)), 256 * 1024)
         memory["training sample, while building"] = plan.sample * dim * 4
@@ -111,11 +119,13 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
 
 class EmbeddingIndex:
     def __init__(self, index, ids: Sequence[str], kind: str, params: dict | None = None, vectors=None,
-                 source: dict | None = None):
+                 source: dict | None = None, origin: dict | None = None):
         """vectors: row-indexable (N, D) exact vectors for re-ranking (`embed.ShardRows` on disk, or an
-        array); source: where they are ({"embeddings": folder, "what": kind}), saved in meta.json."""
+        array); source: where they are ({"embeddings": folder, "what": kind}); origin: what the vectors are and
+        which model made them ({"what", "model", "encoders"} from the embeddings' manifest), checked against a
+        query's model by `check_query_model`. Both saved in meta.json."""
         self.index, self.ids, self.kind = index, list(ids), kind
-        self.params, self.vectors, self.source = params or {}, vectors, source
+        self.params, self.vectors, self.source, self.origin = params or {}, vectors, source, origin
         if len(self.ids) != index.ntotal:
             raise ValueError(f"{len(self.ids)} ids for an index of {index.ntotal} vectors")
         if vectors is not None and len(vectors) != index.ntotal:
@@ -156,12 +166,30 @@ class EmbeddingIndex:
             raise ValueError(f"the chunks held {len(all_ids)} vectors, the plan expected {plan.count}")
         return cls(index, all_ids, plan.kind, plan.params, vectors, source)
 
+    def check_query_model(self, model) -> None:
+        """Refuse queries from a model whose embeddings cannot be compared with the index's: another CLIP (its
+        space), or, for an index of speech embeddings, another SpeechCLIP (one folder of embeddings never mixes
+        two models either). Indexes that do not record their model are not checked."""
+        origin = self.origin or {}
+        clip = (origin.get("encoders") or {}).get("clip")
+        if clip and clip != model.encoder_fingerprints()["clip"]:
+            raise ValueError(f"the index's {origin.get('what', '')} vectors were embedded with another CLIP (fingerprint "
+                             f"{clip[:12]}) than this checkpoint's; search with the checkpoint that `speechclip embed` used")
+        if origin.get("what") == "speech" and origin.get("model"):
+            from .fingerprint import model_fingerprint
+
+            if origin["model"] != model_fingerprint(model):
+                raise ValueError(f"the index holds the speech embeddings of another model (fingerprint {origin['model'][:12]}); "
+                                 "search with the checkpoint that `speechclip embed` used")
+
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
         """(Q, D) queries -> for each, the k best (id, cosine) pairs, best first."""
         scores, rows = self.search_rows(queries, k)
         return [[(self.ids[r], float(s)) for r, s in zip(row, score) if r >= 0] for row, score in zip(rows, scores)]
 
     def search_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k < 1:
+            raise ValueError(f"k={k}: must be at least 1")
         queries = _normalized(np.atleast_2d(queries))
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.index.d}")
@@ -180,7 +208,7 @@ class EmbeddingIndex:
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / "index.faiss"))
         (folder / "ids.json").write_text(json.dumps(self.ids))
-        meta = {"kind": self.kind, "params": self.params, "size": self.size, "source": self.source}
+        meta = {"kind": self.kind, "params": self.params, "size": self.size, "source": self.source, "origin": self.origin}
         (folder / "meta.json").write_text(json.dumps(meta) + "\n")
         return folder
 
@@ -191,14 +219,31 @@ class EmbeddingIndex:
         for name in ("index.faiss", "ids.json", "meta.json"):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing; build the index with `speechclip index`")
-        meta = json.loads((folder / "meta.json").read_text())
-        index = faiss.read_index(str(folder / "index.faiss"))
-        if meta["kind"] in ("ivf", "ivfpq"):
-            index.nprobe = meta["params"]["nprobe"]
-        elif meta["kind"] == "hnsw":
-            index.hnsw.efSearch = meta["params"]["efSearch"]
-        return cls(index, json.loads((folder / "ids.json").read_text()), meta["kind"], meta["params"],
-                   _source_rows(meta.get("source"), folder), meta.get("source"))
+        meta, ids = _read_json(folder / "meta.json"), _read_json(folder / "ids.json")
+        try:
+            index = faiss.read_index(str(folder / "index.faiss"))
+        except RuntimeError as error:  # FAISS's own message is a C++ stack; its last line says what
+            raise ValueError(f"{folder / 'index.faiss'}: unreadable ({str(error).strip().splitlines()[-1]}); "
+                             "build the index again") from None
+        try:
+            if meta["kind"] in ("ivf", "ivfpq"):
+                index.nprobe = meta["params"]["nprobe"]
+            elif meta["kind"] == "hnsw":
+                index.hnsw.efSearch = meta["params"]["efSearch"]
+            kind, params = meta["kind"], meta["params"]
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{folder / 'meta.json'}: lacks {error}; build the index again") from None
+        try:
+            return cls(index, ids, kind, params, _source_rows(meta.get("source"), folder), meta.get("source"), meta.get("origin"))
+        except ValueError as error:
+            raise ValueError(f"{folder}: {error}; build the index again") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); build the index again") from None
 
 
 def _new_index(faiss, plan: IndexPlan):
@@ -260,14 +305,19 @@ def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto",
     """From `speechclip embed` output (a folder of shards with manifest.json and `what` = speech | image |
     text, or an older single <kind>.safetensors) to a saved index folder, reading one shard at a time.
     The plan and its memory estimate go to `report` before anything is built."""
-    from .embed import embedding_source
+    from .embed import embedding_source, source_model
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder")
     source = embedding_source(Path(embeddings), what)
+    made_by = source_model(Path(embeddings))
+    origin = {"what": source.kind, "model": made_by.get("model"), "encoders": made_by.get("encoders")} if source.kind else None
     plan = plan_index(source.count, source.dim, kind, id_chars=source.id_chars(), **options)
     report(plan.describe() + (f"; re-ranks its top {plan.params['refine']} with the vectors in {embeddings}"
                               if plan.params.get("refine") else ""))
     refine = {"vectors": source.rows(), "source": {"embeddings": str(Path(embeddings).resolve()), "what": what}} \
         if plan.params.get("refine") else {}
     index = EmbeddingIndex.build_from_chunks(plan, lambda: ((v.numpy(), ids) for v, ids in source.chunks()), **refine)
+    index.origin = origin
     index.save(out)
     return index

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.items import SpokenCaption
-from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, collections, embed_meta,
+from ..embed import (KINDS, SHARD_SIZE, Collection, batches, bound_kernel_cache, check_export, collections, embed_meta,
                      encode_prepared, finished_shards, prepare_batch, shard_path, write_manifest, write_shard)
 from ..model import SpeechCLIP
 
@@ -106,6 +106,7 @@ def run_embed_job(model: SpeechCLIP, items: Sequence[SpokenCaption], out: str | 
     out = Path(out)
     todo = collections(items, what)
     meta = embed_meta(model)
+    check_export(out, todo, batch_size, shard_size)
     done = finished_shards(out, todo, shard_size, meta)  # every rank checks the folder before any work
     trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, logger=False,
                         callbacks=[ShardWriter(out, todo, shard_size, meta)], enable_checkpointing=False,
