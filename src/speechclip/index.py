@@ -64,9 +64,14 @@ class IndexPlan:
     memory: dict[str, int] = field(default_factory=dict)  # bytes, by part
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {size / 2**20:,.0f} MB" for name, size in self.memory.items())
+        parts = ", ".join(f"{name} {_megabytes(size)}" for name, size in self.memory.items())
         return (f"{self.kind} index of {self.count:,} x {self.dim} {self.params}: about "
-                f"{sum(self.memory.values()) / 2**20:,.0f} MB in memory ({parts})")
+                f"{_megabytes(sum(self.memory.values()))} in memory ({parts})")
+
+
+def _megabytes(size: int) -> str:
+    """Whole MB, with two decimals below 10 (a small collection read "about 0 MB")."""
+    return f"{size / 2**20:,.0f} MB" if size >= 10 * 2**20 else f"{size / 2**20:.2f} MB"
 
 
 def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = None, nprobe: int | None = None,
