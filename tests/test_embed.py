@@ -310,3 +310,18 @@ def test_search_refuses_a_model_whose_embeddings_the_index_cannot_be_compared_wi
     with pytest.raises(ValueError, match="embedded with another CLIP"):
         EmbeddingIndex.load(tmp_path / "image").check_query_model(model)
     assert speech.origin["what"] == "speech"
+
+
+def test_written_files_follow_the_umask(model, items, tmp_path):
+    """safetensors writes through a private temporary file (0600): a checkpoint or an embeddings folder on a
+    shared machine would be unreadable to everyone else whatever their umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        embed_collection(model, items[:3], tmp_path / "emb", what=["speech"], batch_size=4)
+        model.save_pretrained(tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    written = [*(tmp_path / "emb").glob("*.safetensors"), tmp_path / "ckpt" / "model.safetensors"]
+    assert written and {oct(path.stat().st_mode & 0o777) for path in written} == {"0o644"}

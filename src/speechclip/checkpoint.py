@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, SpeechCLIPConfig
+from .file_modes import follow_umask
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -112,6 +113,7 @@ def write_checkpoint(folder: Path, config: SpeechCLIPConfig, weights: dict[str, 
     staged_weights = folder / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
     staged_config = folder / f".{CONFIG_NAME}.{os.getpid()}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(staged_weights))
+    follow_umask(staged_weights)
     staged_config.write_text(json.dumps(values, indent=2) + "\n")
     staged_weights.replace(folder / WEIGHTS_NAME)
     staged_config.replace(folder / CONFIG_NAME)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from .audio import pad_batch
 from .data.items import SpokenCaption
+from .file_modes import follow_umask
 from .fingerprint import model_fingerprint
 from .images import load_image
 from .model import SpeechCLIP
@@ -147,6 +148,7 @@ def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     metadata = {"ids": json.dumps(list(ids)), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
     save_file({"embeddings": embeddings.float().contiguous()}, str(tmp), metadata=metadata)
+    follow_umask(tmp)
     os.replace(tmp, path)
     return path
 

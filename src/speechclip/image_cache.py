@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .clip import FrozenCLIP
+from .file_modes import follow_umask
 from .fingerprint import folder_files, weights_fingerprint
 from .images import load_image
 
@@ -67,6 +68,7 @@ class ImageEmbeddingCache:
         (self.folder / "clip.txt").write_text(str(self.clip.name_or_path) + "\n")
         tmp = self.folder / f"embeddings.{os.getpid()}.tmp"
         save_file({"embeddings": self._table.contiguous()}, str(tmp), metadata={"keys": json.dumps(self._keys)})
+        follow_umask(tmp)
         tmp.replace(self.folder / "embeddings.safetensors")
 
     def embeddings(self, paths: Sequence[str | Path], progress: bool = False) -> torch.Tensor:

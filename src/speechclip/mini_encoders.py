@@ -31,6 +31,8 @@ from transformers import (
     WavLMModel,
 )
 
+from .file_modes import follow_umask
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's own pre-tokenisation (transformers' CLIPTokenizer), so a trained vocabulary splits text the same way.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
@@ -95,6 +97,7 @@ def save_mini_clip(folder: str | Path, tokenizer: CLIPTokenizer, config: CLIPCon
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     mini_image_processor(config.vision_config.image_size).save_pretrained(folder)
+    follow_umask(folder)  # transformers writes its safetensors 0600
     return folder
 
 
@@ -130,4 +133,5 @@ def save_mini_speech(folder: str | Path, config, model=None) -> Path:
     model = model or SPEECH_MODELS[kind][1](config)
     model.save_pretrained(folder)
     Wav2Vec2FeatureExtractor(sampling_rate=16_000, do_normalize=False, return_attention_mask=True).save_pretrained(folder)
+    follow_umask(folder)  # transformers writes its safetensors 0600
     return folder

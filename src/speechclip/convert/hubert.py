@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
 
+from ..file_modes import follow_umask
 from .errors import ConversionError
 from .names import Rule, apply_name_table, check_against_model, layer_indices, require_tensor
 
@@ -104,4 +105,5 @@ def save_hubert_folder(config: HubertConfig, state: Mapping[str, Tensor], folder
     model.save_pretrained(folder)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16_000, padding_value=0.0, do_normalize=normalize_waveform,
                              return_attention_mask=True).save_pretrained(folder)
+    follow_umask(folder)  # transformers writes its safetensors 0600
     return folder

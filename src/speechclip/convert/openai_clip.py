@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
+from ..file_modes import follow_umask
 from .errors import ConversionError
 from .names import Rule, apply_name_table, check_against_model, layer_indices, require_tensor
 
@@ -166,4 +167,5 @@ def save_clip_folder(config: CLIPConfig, state: Mapping[str, Tensor], tokenizer:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     openai_image_processor(config.vision_config.image_size).save_pretrained(folder)
+    follow_umask(folder)  # transformers writes its safetensors 0600
     return folder
