@@ -198,4 +198,8 @@ def test_an_interrupt_is_one_line_not_a_traceback(saved, capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         main(["keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"])])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 130 and err.startswith("speechclip keywords: interrupted") and len(err.splitlines()) == 1
+    assert stop.value.code == 130 and err == "speechclip keywords: interrupted"
+    monkeypatch.setattr(cli, "cmd_serve", interrupted)  # Ctrl-C is how a server is stopped: not an error
+    with pytest.raises(SystemExit) as stop:
+        main(["serve"])
+    assert stop.value.code == 0 and capsys.readouterr().err.strip() == "speechclip serve: stopped"

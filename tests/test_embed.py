@@ -270,6 +270,13 @@ def test_arguments_that_would_fail_part_way_are_refused_first(model, items, tmp_
     with pytest.raises(ValueError, match="no items to embed as speech, image, text"):
         embed_collection(model, [], tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    from dataclasses import replace
+
+    untranscribed = [replace(item, text="") for item in items[:3]]  # a manifest's text is optional
+    kinds = read_manifest(embed_collection(model, untranscribed, tmp_path / "c").parent)["kinds"]
+    assert kinds["speech"]["count"] == 3 and kinds["text"]["count"] == 0
+    with pytest.raises(ValueError, match=r"manifest.json: no text embeddings in this folder"):
+        build_index_from_embeddings(tmp_path / "c", tmp_path / "i", "flat", what="text", report=lambda line: None)
 
 
 def test_index_refuses_shards_that_disagree_with_the_manifest(tmp_path):
@@ -317,11 +324,12 @@ def test_written_files_follow_the_umask(model, items, tmp_path):
     shared machine would be unreadable to everyone else whatever their umask."""
     import os
 
-    old = os.umask(0o022)
-    try:
-        embed_collection(model, items[:3], tmp_path / "emb", what=["speech"], batch_size=4)
-        model.save_pretrained(tmp_path / "ckpt")
-    finally:
-        os.umask(old)
-    written = [*(tmp_path / "emb").glob("*.safetensors"), tmp_path / "ckpt" / "model.safetensors"]
-    assert written and {oct(path.stat().st_mode & 0o777) for path in written} == {"0o644"}
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        old = os.umask(umask)
+        try:
+            embed_collection(model, items[:3], tmp_path / f"emb{umask}", what=["speech"], batch_size=4)
+            model.save_pretrained(tmp_path / f"ckpt{umask}")
+        finally:
+            os.umask(old)
+        written = [*(tmp_path / f"emb{umask}").glob("*.safetensors"), tmp_path / f"ckpt{umask}" / "model.safetensors"]
+        assert written and {path.stat().st_mode & 0o777 for path in written} == {mode}

@@ -81,9 +81,9 @@ def test_ivfpq_recall_on_clustered_vectors(tmp_path):
 def test_bad_parameters_and_damaged_folders_are_named(tmp_path):
     vectors, ids = _clustered(200), [str(i) for i in range(200)]
     # FAISS's own k-means error would be a C++ stack: the plan says what is too few first
-    with pytest.raises(ValueError, match=r"--kind ivfpq: 200 vectors are too few to train 256 centroids"):
+    with pytest.raises(ValueError, match=r"--kind ivfpq: 200 vectors are too few to train the 256 codes of each sub-quantizer; use --kind flat \(exact\) or ivf"):
         EmbeddingIndex.build(vectors, ids, "ivfpq")
-    with pytest.raises(ValueError, match=r"--kind ivf: 200 vectors are too few to train 500 centroids"):
+    with pytest.raises(ValueError, match=r"--kind ivf: 200 vectors are too few to train 500 lists"):
         EmbeddingIndex.build(vectors, ids, "ivf", nlist=500)
     for option in ({"nlist": 0}, {"nprobe": 0}, {"m": 0}, {"refine": -5}):  # 0 used to read as "not given"
         with pytest.raises(ValueError, match=f"--{next(iter(option))}="):
@@ -92,6 +92,9 @@ def test_bad_parameters_and_damaged_folders_are_named(tmp_path):
     with pytest.raises(ValueError, match="k=0: must be at least 1"):
         index.search(vectors[:1], k=0)
     folder = index.save(tmp_path / "idx")
+    EmbeddingIndex.build(vectors[:50], ids[:50], "flat").save(folder)  # over an older index: replaced whole
+    assert EmbeddingIndex.load(folder).size == 50 and [p.name for p in tmp_path.iterdir()] == ["idx"]
+    index.save(folder)
     data = (folder / "index.faiss").read_bytes()
     (folder / "index.faiss").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"index.faiss: unreadable \(.*\); build the index again"):
@@ -99,6 +102,9 @@ def test_bad_parameters_and_damaged_folders_are_named(tmp_path):
     (folder / "index.faiss").write_bytes(data)
     (folder / "meta.json").write_text("{")
     with pytest.raises(ValueError, match=r"meta.json: not valid JSON"):
+        EmbeddingIndex.load(folder)
+    (folder / "meta.json").write_text("[1]")
+    with pytest.raises(ValueError, match=r"meta.json must hold an object"):
         EmbeddingIndex.load(folder)
     (folder / "meta.json").write_text('{"kind": "flat"}')
     with pytest.raises(ValueError, match=r"meta.json: lacks 'params'"):

@@ -31,7 +31,7 @@ def cmd_train(args) -> None:
 
 
 def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
-    from .train.config import check_run_config, load_run_config
+    from .train.config import check_data_config, load_run_config
 
     if config is None:
         candidate = checkpoint.parent / "run.yaml"
@@ -39,16 +39,18 @@ def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
             raise SystemExit(f"{checkpoint}: no --config given and no run.yaml beside it")
         config = str(candidate)
     run_config = load_run_config(config, overrides)
-    check_run_config(run_config)  # as `train` does: eval_batch_size, data options, ...
+    check_data_config(run_config.data)  # the data section, as `train` checks it
     return run_config
 
 
 def cmd_eval(args) -> None:
     from .evaluate import format_table
+    from .train.config import check_train_config
     from .train.run import evaluate_checkpoint
 
     checkpoint = Path(args.checkpoint)
     config = _run_config_for(checkpoint, args.config, args.set)
+    check_train_config(config.train)  # eval_batch_size, cache settings: eval runs through the training layer
     out = args.out or checkpoint / f"eval_{args.split}.json"
     result = evaluate_checkpoint(checkpoint, config, args.split, out)
     print(format_table(result))
@@ -285,9 +287,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"speechclip: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
     except KeyboardInterrupt:  # what is written is whole (shards, checkpoints, caches are renamed into place)
-        print(f"speechclip {args.command}: interrupted; what was finished is kept: run it again to go on "
-              "(train: with --resume)", file=sys.stderr)
+        if args.command == "serve":  # Ctrl-C is how a server is stopped (uvicorn raises it again once shut down)
+            print("speechclip serve: stopped", file=sys.stderr)
+            raise SystemExit(0) from None
+        hint = RESUMABLE.get(args.command, "")
+        print(f"speechclip {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+# what Ctrl-C leaves that the next run goes on from
+RESUMABLE = {"embed": "; the finished shards are kept: run the same command again to go on",
+             "demo": "; the finished stages are kept: run it again to go on",
+             "data": "; the finished clips and images are kept: run it again to go on"}
 
 
 if __name__ == "__main__":

@@ -82,9 +82,8 @@ def check_export(out: Path, todo: Sequence[Collection], batch_size: int, shard_s
             raise ValueError(f"{name}={value}: must be at least 1")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
-    empty = [collection.kind for collection in todo if not collection.ids]
-    if empty:
-        raise ValueError(f"no items to embed as {', '.join(empty)} (an empty manifest or split?)")
+    if not any(collection.ids for collection in todo):  # a kind alone may be empty: text, without transcripts
+        raise ValueError(f"no items to embed as {', '.join(c.kind for c in todo)} (an empty manifest or split?)")
 
 
 def shard_path(out: Path, kind: str, number: int) -> Path:
@@ -146,7 +145,7 @@ def write_shard(path: Path, embeddings: torch.Tensor, ids: Sequence[str], meta: 
         raise ValueError(f"{path}: {len(ids)} ids for {len(embeddings)} embeddings")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    metadata = {"ids": json.dumps(list(ids)), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}}
+    metadata = {"ids": json.dumps(list(ids)), **{k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()}}
     save_file({"embeddings": embeddings.float().contiguous()}, str(tmp), metadata=metadata)
     follow_umask(tmp)
     os.replace(tmp, path)
@@ -350,6 +349,8 @@ def embedding_source(path: Path, what: str | None = None) -> EmbeddingSource:
         files, counts, dim = [path / s["file"] for s in entry["shards"]], [int(s["count"]) for s in entry["shards"]], int(entry["dim"])
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / MANIFEST}: kinds.{what} lacks or misstates {error} (not a finished `speechclip embed` folder)") from None
+    if not counts and not entry.get("count"):
+        raise ValueError(f"{path / MANIFEST}: no {what} embeddings in this folder (its manifest or split had none)")
     if sum(counts) != entry.get("count", sum(counts)) or not counts:
         raise ValueError(f"{path / MANIFEST}: kinds.{what} lists {sum(counts)} rows in {len(counts)} shards for a count of {entry.get('count')}")
     return EmbeddingSource(files, counts, dim, kind=what)

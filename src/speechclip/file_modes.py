@@ -22,9 +22,10 @@ def current_umask() -> int:
 
 
 def follow_umask(path: str | Path) -> None:
-    """Give a file, or every file under a folder, the mode a new file gets here (0644 under umask 022)."""
+    """Give a file, or every .safetensors file under a folder, the mode a new file gets here (0644 under umask
+    022)."""
     path = Path(path)
     mode = 0o666 & ~current_umask()
-    for file in (path.rglob("*") if path.is_dir() else [path]):
+    for file in (path.rglob("*.safetensors") if path.is_dir() else [path]):
         if file.is_file() and not file.is_symlink():
             os.chmod(file, mode)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -113,9 +115,11 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
     if kind in ("ivf", "ivfpq"):
         centroids = max(plan.params["nlist"], 2 ** nbits if kind == "ivfpq" else 0)
         if count < centroids:  # FAISS's k-means needs a training vector per centroid
-            raise ValueError(f"--kind {kind}: {count:,} vectors are too few to train {centroids:,} centroids "
-                             f"({'nlist' if centroids == plan.params['nlist'] else 'the 256 codes of each sub-quantizer'}); "
-                             "use --kind flat (exact), or fewer --nlist")
+            if centroids == plan.params["nlist"]:
+                raise ValueError(f"--kind {kind}: {count:,} vectors are too few to train {centroids:,} lists; "
+                                 "use --kind flat (exact), or fewer --nlist")
+            raise ValueError(f"--kind ivfpq: {count:,} vectors are too few to train the {centroids:,} codes of each "
+                             "sub-quantizer; use --kind flat (exact) or ivf")
         wanted = 64 * plan.params["nlist"]  # k-means wants 39..256 points a centroid; PQ's 256 codes too
         plan.sample = min(count, max(wanted, 39 * 2 ** plan.params.get("nbits", 0)), 256 * 1024)
         memory["training sample, while building"] = plan.sample * dim * 4
@@ -208,13 +212,21 @@ class EmbeddingIndex:
         return scores, rows
 
     def save(self, folder: str | Path) -> Path:
+        """Written beside `folder`, then renamed into place: an interrupted save leaves the old index whole,
+        never a new index.faiss beside an old meta.json."""
         faiss = _faiss()
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.index, str(folder / "index.faiss"))
-        (folder / "ids.json").write_text(json.dumps(self.ids))
+        staging, old = folder.with_name(f".{folder.name}.tmp-{os.getpid()}"), folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        faiss.write_index(self.index, str(staging / "index.faiss"))
+        (staging / "ids.json").write_text(json.dumps(self.ids))
         meta = {"kind": self.kind, "params": self.params, "size": self.size, "source": self.source, "origin": self.origin}
-        (folder / "meta.json").write_text(json.dumps(meta) + "\n")
+        (staging / "meta.json").write_text(json.dumps(meta) + "\n")
+        if folder.exists():
+            folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
         return folder
 
     @classmethod
@@ -225,6 +237,8 @@ class EmbeddingIndex:
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name}: missing; build the index with `speechclip index`")
         meta, ids = _read_json(folder / "meta.json"), _read_json(folder / "ids.json")
+        if not isinstance(meta, dict) or not isinstance(ids, list):
+            raise ValueError(f"{folder}: meta.json must hold an object and ids.json a list; build the index again")
         try:
             index = faiss.read_index(str(folder / "index.faiss"))
         except RuntimeError as error:  # FAISS's own message is a C++ stack; its last line says what
@@ -238,10 +252,9 @@ class EmbeddingIndex:
             kind, params = meta["kind"], meta["params"]
         except (KeyError, TypeError) as error:
             raise ValueError(f"{folder / 'meta.json'}: lacks {error}; build the index again") from None
-        try:
-            return cls(index, ids, kind, params, _source_rows(meta.get("source"), folder), meta.get("source"), meta.get("origin"))
-        except ValueError as error:
-            raise ValueError(f"{folder}: {error}; build the index again") from None
+        if len(ids) != index.ntotal:
+            raise ValueError(f"{folder}: {len(ids)} ids in ids.json for {index.ntotal} vectors in index.faiss; build the index again")
+        return cls(index, ids, kind, params, _source_rows(meta.get("source"), folder), meta.get("source"), meta.get("origin"))
 
 
 def _read_json(path: Path):
@@ -320,7 +333,7 @@ def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto",
     plan = plan_index(source.count, source.dim, kind, id_chars=source.id_chars(), **options)
     report(plan.describe() + (f"; re-ranks its top {plan.params['refine']} with the vectors in {embeddings}"
                               if plan.params.get("refine") else ""))
-    refine = {"vectors": source.rows(), "source": {"embeddings": str(Path(embeddings).resolve()), "what": what}} \
+    refine = {"vectors": source.rows(), "source": {"embeddings": str(Path(embeddings).resolve()), "what": source.kind or what}} \
         if plan.params.get("refine") else {}
     index = EmbeddingIndex.build_from_chunks(plan, lambda: ((v.numpy(), ids) for v, ids in source.chunks()), **refine)
     index.origin = origin
