@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .folders import swap_in
+
 EXACT_LIMIT = 100_000  # "auto" keeps exact search up to this many vectors
 IVF_LIMIT = 1_000_000  # ... IVF on raw float32 vectors up to this many (2 GB at 512-d), IVF-PQ above
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
@@ -216,17 +218,14 @@ class EmbeddingIndex:
         never a new index.faiss beside an old meta.json."""
         faiss = _faiss()
         folder = Path(folder)
-        staging, old = folder.with_name(f".{folder.name}.tmp-{os.getpid()}"), folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         faiss.write_index(self.index, str(staging / "index.faiss"))
         (staging / "ids.json").write_text(json.dumps(self.ids))
         meta = {"kind": self.kind, "params": self.params, "size": self.size, "source": self.source, "origin": self.origin}
         (staging / "meta.json").write_text(json.dumps(meta) + "\n")
-        if folder.exists():
-            folder.rename(old)
-        staging.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(staging, folder)
         return folder
 
     @classmethod
@@ -323,13 +322,12 @@ def build_index_from_embeddings(embeddings: Path, out: Path, kind: str = "auto",
     """From `speechclip embed` output (a folder of shards with manifest.json and `what` = speech | image |
     text, or an older single <kind>.safetensors) to a saved index folder, reading one shard at a time.
     The plan and its memory estimate go to `report` before anything is built."""
-    from .embed import embedding_source, source_model
+    from .embed import embedding_source
 
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out}: a file, not a folder")
     source = embedding_source(Path(embeddings), what)
-    made_by = source_model(Path(embeddings))
-    origin = {"what": source.kind, "model": made_by.get("model"), "encoders": made_by.get("encoders")} if source.kind else None
+    origin = {"what": source.kind, "model": source.made_by.get("model"), "encoders": source.made_by.get("encoders")} if source.kind else None
     plan = plan_index(source.count, source.dim, kind, id_chars=source.id_chars(), **options)
     report(plan.describe() + (f"; re-ranks its top {plan.params['refine']} with the vectors in {embeddings}"
                               if plan.params.get("refine") else ""))

@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ..folders import swap_in
 from .errors import ConversionError
 from .heads import CLIP_PREFIX, FULL_TABLE, UPSTREAM_PREFIX, head_weights, keyword_vocab, model_values
 from .reader import read_checkpoint
@@ -61,7 +62,7 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool 
         model = _assemble(SpeechCLIP, values, weights, source)
         model.save_pretrained(staging)
         _write_report(staging / REPORT, released, values, model)
-        _replace(staging, out)
+        swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -109,10 +110,3 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one is moved aside first and deleted only after."""
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
