@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -288,6 +288,7 @@ class EmbeddingSource:
     dim: int
     legacy: bool = False
     kind: str | None = None  # what each shard's metadata must say it holds (None: the earlier format)
+    made_by: dict = field(default_factory=dict)  # the manifest's record of the model that wrote them (embed_meta)
 
     @property
     def count(self) -> int:
@@ -353,13 +354,7 @@ def embedding_source(path: Path, what: str | None = None) -> EmbeddingSource:
         raise ValueError(f"{path / MANIFEST}: no {what} embeddings in this folder (its manifest or split had none)")
     if sum(counts) != entry.get("count", sum(counts)) or not counts:
         raise ValueError(f"{path / MANIFEST}: kinds.{what} lists {sum(counts)} rows in {len(counts)} shards for a count of {entry.get('count')}")
-    return EmbeddingSource(files, counts, dim, kind=what)
-
-
-def source_model(path: Path) -> dict:
-    """What the manifest of an embeddings folder records of the model that wrote it ({} for the earlier format)."""
-    path = Path(path)
-    return read_manifest(path).get("model", {}) if path.is_dir() else {}
+    return EmbeddingSource(files, counts, dim, kind=what, made_by=manifest.get("model") or {})
 
 
 class ShardRows:
