@@ -46,22 +46,27 @@ def _audio_cases(root: Path) -> list[tuple[str, object, str]]:
     (root / "notes.wav").write_text("not audio")
     write_wav(root / "empty.wav", np.zeros(0, dtype=np.float32))
     write_wav(root / "blip.wav", np.random.default_rng(2).standard_normal(100).astype(np.float32))
+    whole = write_wav(root / "whole.wav", np.random.default_rng(4).standard_normal(8000).astype(np.float32) * 0.1).read_bytes()
+    (root / "cut.wav").write_bytes(whole[: len(whole) // 2])  # an interrupted copy: libsndfile reads what is there
+    data = whole.index(b"data") + 8  # the RIFF data chunk: its size field, then the samples
+    declared, present = int.from_bytes(whole[data - 4 : data], "little"), len(whole) // 2 - data
     return [("missing file", root / "nowhere.wav", r"nowhere.wav: no such audio file"),
             ("not audio", root / "notes.wav", r"notes.wav: unreadable audio"),
             ("empty", root / "empty.wav", r"empty.wav: empty audio"),
             ("shorter than one frame", root / "blip.wav", r"blip.wav: too short \(100 samples\); the upstream needs at least 400"),
+            ("cut short", root / "cut.wav", rf"cut.wav: cut short: its header promises {declared:,} bytes of samples, the file holds {present:,}"),
             ("NaN samples", np.full(4000, np.nan, dtype=np.float32), r"audio\[0\]: audio contains NaN"),
             ("booleans", np.ones(4000, dtype=bool), r"audio\[0\]: expected float or integer PCM samples, got dtype bool")]
 
 
-@pytest.mark.parametrize("row", range(6))
+@pytest.mark.parametrize("row", range(7))
 def test_bad_audio_through_the_api(saved, row):
     name, clip, message = _audio_cases(saved["root"])[row]
     with pytest.raises(ValueError, match=message):
         saved["model"].encode_speech(clip)
 
 
-@pytest.mark.parametrize("row", range(4))
+@pytest.mark.parametrize("row", range(5))
 def test_bad_audio_through_the_cli(saved, capsys, row):
     name, clip, message = _audio_cases(saved["root"])[row]
     assert __import__("re").search(message, _cli(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(clip)))
@@ -187,6 +192,16 @@ def test_search_arguments_are_checked_before_any_work(saved, capsys):
     assert _cli(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None
     assert _cli(capsys, *search, "--audio", " ") == "speechclip: error: --audio: empty"
     assert _cli(capsys, *search, "--text", "a red square", "-k", "0") == "speechclip: error: -k 0: must be at least 1"
+
+
+def test_embed_refuses_a_split_it_would_ignore(saved, tmp_path, capsys):
+    """A manifest lists every clip to embed: --split test beside it used to be dropped without a word."""
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(json.dumps({"audio": str(saved["wav"]), "image": str(saved["root"] / "good.png"), "text": "red"}) + "\n")
+    embed = ("embed", "--checkpoint", str(saved["ckpt"]), "--manifest", str(manifest), "--out", str(tmp_path / "emb"))
+    assert _cli(capsys, *embed, "--split", "val", "--set", "data.root=x") == \
+        "speechclip: error: --split, --set: not used with --manifest (it lists every clip to embed); give one or the other"
+    assert not (tmp_path / "emb").exists()
 
 
 def test_an_interrupt_is_one_line_not_a_traceback(saved, capsys, monkeypatch):

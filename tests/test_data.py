@@ -143,3 +143,27 @@ def test_image_table_lists_each_image_once_in_first_seen_order():
     assert table.ids == ["b", "a", "c"]
     assert table.paths == [Path("b.png"), Path("a.png"), Path("c.png")]
     assert table.caption_rows == [0, 1, 0, 2, 1]
+
+
+def test_an_image_id_naming_two_files_is_refused_not_resolved_by_row_order():
+    """Retrieval ranked the first file, an export embedded the last: the same id must name one picture."""
+    from speechclip.data import SpokenCaption, image_table
+    from speechclip.embed import collections
+
+    items = [SpokenCaption(Path("0.wav"), Path("cat.png"), "img1"), SpokenCaption(Path("1.wav"), Path("dog.png"), "img1")]
+    for use in (image_table, lambda rows: collections(rows, ["image"])):
+        with pytest.raises(DataError, match=r"image_id 'img1': names two files, cat.png and dog.png"):
+            use(items)
+
+
+def test_the_data_check_names_a_wav_cut_short(tmp_path):
+    """A header-only pass (600k SpokenCOCO files) still sees an interrupted copy: its data chunk is shorter
+    than the header says (libsndfile itself would read the fragment without a word)."""
+    whole = write_wav(tmp_path / "whole.wav", np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1).read_bytes()
+    (tmp_path / "cut.wav").write_bytes(whole[:20000])
+    _image(tmp_path / "i.png")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"audio": f, "image": "i.png"}) for f in ("whole.wav", "cut.wav")))
+    report = check_items(read_manifest(tmp_path / "m.jsonl"), on_error="skip")
+    assert [i.audio.name for i in report.good] == ["whole.wav"]
+    assert report.bad == [(str(tmp_path / "cut.wav"), f"cut short: its header promises {2 * 16000:,} bytes of samples, "
+                                                      f"the file holds {20000 - 44:,} (an interrupted copy?)")]

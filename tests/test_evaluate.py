@@ -115,3 +115,17 @@ def test_keyword_hit_rate_known_by_construction(hybrid, tiny_corpus, tmp_path, m
     assert result["per_keyword_count"] == [len(items), even, even]
     assert result["mean_keywords"] == pytest.approx((3 * even + odd) / len(items))
     assert "(n=" in evaluate_module._keyword_lines(result)[0]  # ragged: counts printed per slot
+
+
+def test_the_table_marks_a_recall_beyond_the_keys_instead_of_printing_nan():
+    """Six images: R@10 over images is undefined (metrics leave it out), so the table shows '-' and says why."""
+    result = {"captions": 12, "images": 6,
+              "parallel": {"speech_to_image": {"recall": {1: 0.5, 5: 0.75}, "chance": {1: 1 / 6, 5: 5 / 6}},
+                           "image_to_speech": {"recall": {1: 0.5, 5: 0.9, 10: 1.0}, "chance": {1: 0.3, 5: 0.8, 10: 1.0}}}}
+    table = format_table(result)
+    assert "nan" not in table
+    speech_row = next(line for line in table.splitlines() if "speech_to_image" in line)
+    assert speech_row.split()[1:4] == ["50.0", "75.0", "-"]
+    assert "(R@10: fewer keys than K)" in table
+    image_row = next(line for line in table.splitlines() if "image_to_speech" in line)
+    assert image_row.split()[1:4] == ["50.0", "90.0", "100.0"]

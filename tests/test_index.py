@@ -88,6 +88,14 @@ def test_bad_parameters_and_damaged_folders_are_named(tmp_path):
     for option in ({"nlist": 0}, {"nprobe": 0}, {"m": 0}, {"refine": -5}):  # 0 used to read as "not given"
         with pytest.raises(ValueError, match=f"--{next(iter(option))}="):
             EmbeddingIndex.build(_clustered(3000), [str(i) for i in range(3000)], "ivfpq", **option)
+    # options the kind does not use were ignored: the index built was not the one asked for
+    with pytest.raises(ValueError, match=r"--m, --refine: not used by a flat index \(--kind flat\); use --kind ivfpq"):
+        EmbeddingIndex.build(vectors, ids, "flat", m=8, refine=10)
+    with pytest.raises(ValueError, match=r"--nprobe: not used by a flat index \(auto picks flat for 200 vectors\); use --kind ivf or ivfpq"):
+        EmbeddingIndex.build(vectors, ids, "auto", nprobe=4)
+    with pytest.raises(ValueError, match=r"--m: not used by an ivf index"):
+        EmbeddingIndex.build(vectors, ids, "ivf", nlist=4, m=8)
+    assert EmbeddingIndex.build(vectors, ids, "ivf", nlist=4, nprobe=2).params == {"nlist": 4, "nprobe": 2}
     index = EmbeddingIndex.build(vectors, ids, "flat")
     with pytest.raises(ValueError, match="k=0: must be at least 1"):
         index.search(vectors[:1], k=0)

@@ -5,6 +5,7 @@ Every failure raises `AudioError` naming the file, so a long data pass says whic
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import BinaryIO, Sequence, Union
 
@@ -32,13 +33,34 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, allow_silence: 
 def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RATE, allow_silence: bool = True) -> np.ndarray:
     """Decode a file path or file-like object (an upload) the same way: mono, resampled, checked."""
     try:
-        samples, file_rate = soundfile.read(source, dtype="float32", always_2d=True)
+        with soundfile.SoundFile(source) as file:
+            cut = cut_short(file.extra_info)
+            samples, file_rate = file.read(dtype="float32", always_2d=True), file.samplerate
     except (RuntimeError, soundfile.LibsndfileError) as error:
         raise AudioError(f"{name}: unreadable audio ({error})") from error
+    if cut:
+        raise AudioError(f"{name}: {cut}")
     samples = samples.mean(axis=1)
     if file_rate != sample_rate and samples.size:
         samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
     return check_waveform(samples, name, allow_silence)
+
+
+# libsndfile's header log (`SoundFile.extra_info`) for a WAV whose data chunk is shorter than its header says
+_DATA_SIZE = re.compile(r"^data\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)
+_STREAMING_SIZES = {0xFFFFFFFF, 0x7FFFFFFF}  # written by streaming encoders that could not seek back: complete files
+
+
+def cut_short(header_log: str) -> str | None:
+    """Why a file is a truncated WAV (an interrupted copy or download), or None. libsndfile reads such a file
+    as the samples it holds, so the clip would be trained on or embedded as a fragment without a word."""
+    match = _DATA_SIZE.search(header_log)
+    if match is None:
+        return None
+    declared, present = int(match.group(1)), int(match.group(2))
+    if declared <= present or declared in _STREAMING_SIZES:
+        return None
+    return f"cut short: its header promises {declared:,} bytes of samples, the file holds {present:,} (an interrupted copy?)"
 
 
 def check_waveform(samples: np.ndarray, name: str, allow_silence: bool = True) -> np.ndarray:

@@ -62,12 +62,16 @@ def cmd_embed(args) -> None:
     from .data import read_dataset, read_manifest
     from .model import SpeechCLIP
 
+    if args.manifest:  # the manifest is the whole collection: a split or data config given beside it would be ignored
+        beside = [flag for flag, value in (("--split", args.split), ("--config", args.config), ("--set", args.set)) if value]
+        if beside:
+            raise ValueError(f"{', '.join(beside)}: not used with --manifest (it lists every clip to embed); give one or the other")
     model = SpeechCLIP.from_pretrained(args.checkpoint)
     if args.manifest:
         items = read_manifest(args.manifest)
     else:
         config = _run_config_for(Path(args.checkpoint), args.config, args.set)
-        items = read_dataset(config.data.kind, config.data.root, args.split, **config.data.options)
+        items = read_dataset(config.data.kind, config.data.root, args.split or "test", **config.data.options)
     what, out = args.what.split(","), Path(args.out)
     distributed = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
     if any(value is not None for value in distributed.values()):  # Lightning: several GPUs or nodes
@@ -211,8 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     embed = sub.add_parser("embed", help="write speech/image/text embeddings with their ids, in resumable shards")
     embed.add_argument("--checkpoint", required=True)
     embed.add_argument("--manifest", help="a JSONL/CSV manifest (else the run config's split)")
-    embed.add_argument("--config")
-    embed.add_argument("--split", default="test")
+    embed.add_argument("--config", help="run YAML with the data section (default: run.yaml beside the checkpoint)")
+    embed.add_argument("--split", help="the run config's split to embed (default: test)")
     embed.add_argument("--what", default="speech,image,text")
     embed.add_argument("--out", required=True, help="a folder: <kind>-NNNNN.safetensors shards + manifest.json; "
                                                     "rerun the same command to finish an interrupted export")

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .audio import pad_batch
-from .data.items import SpokenCaption
+from .data.items import SpokenCaption, distinct_images
 from .file_modes import follow_umask
 from .fingerprint import model_fingerprint
 from .images import load_image
@@ -67,7 +67,7 @@ def collections(items: Sequence[SpokenCaption], what: Sequence[str]) -> list[Col
     if "speech" in what:
         result.append(Collection("speech", [str(i.audio) for i in items], [i.audio for i in items]))
     if "image" in what:
-        images = {i.image_id: i.image for i in items}
+        images = distinct_images(items)
         result.append(Collection("image", list(images), list(images.values())))
     if "text" in what:
         texts = [i for i in items if i.text]

@@ -118,11 +118,18 @@ def format_table(result: dict) -> str:
         lines.append(f"[{branch}]            R@1    R@5   R@10   (chance R@1 / R@5 / R@10)")
         for task, values in result[branch].items():
             r, c = values["recall"], values["chance"]
-            lines.append(f"  {task:<16} " + " ".join(f"{100 * r.get(k, float('nan')):6.1f}" for k in (1, 5, 10))
-                         + "   (" + " / ".join(f"{100 * c.get(k, float('nan')):.1f}" for k in (1, 5, 10)) + ")")
+            lines.append(f"  {task:<16} " + " ".join(_percent(r.get(k)).rjust(6) for k in (1, 5, 10))
+                         + "   (" + " / ".join(_percent(c.get(k)) for k in (1, 5, 10)) + ")")
+            missing = [f"R@{k}" for k in (1, 5, 10) if k not in r]
+            if missing:  # K beyond the keys: the recall is undefined (1.0 would be a free pass), not a number
+                lines.append(f"  {'':<16} ({', '.join(missing)}: fewer keys than K)")
     if "keywords" in result:
         lines += _keyword_lines(result["keywords"])
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
 
 
 def _keyword_lines(kw: dict) -> list[str]:

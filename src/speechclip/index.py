@@ -28,6 +28,7 @@ from .folders import swap_in
 EXACT_LIMIT = 100_000  # "auto" keeps exact search up to this many vectors
 IVF_LIMIT = 1_000_000  # ... IVF on raw float32 vectors up to this many (2 GB at 512-d), IVF-PQ above
 KINDS = ("auto", "flat", "ivf", "hnsw", "ivfpq")
+USES = {"flat": (), "hnsw": (), "ivf": ("nlist", "nprobe"), "ivfpq": ("nlist", "nprobe", "m", "refine")}  # options per kind
 # IVF-PQ candidates re-scored exactly: at 10M clustered vectors recall@10 went 0.21 (codes alone) -> 0.74 (100)
 # -> 0.975 (300) -> 0.999 (1,000), each candidate a random read from the shards (benchmarks/ivfpq.py)
 REFINE = 300
@@ -89,8 +90,16 @@ def plan_index(count: int, dim: int, kind: str = "auto", nlist: int | None = Non
     for name, value, least in (("nlist", nlist, 1), ("nprobe", nprobe, 1), ("m", m, 1), ("refine", refine, 0)):
         if value is not None and value < least:
             raise ValueError(f"--{name}={value}: must be at least {least}")
-    if kind == "auto":
+    picked = kind == "auto"
+    if picked:
         kind = "flat" if count <= EXACT_LIMIT else "ivf" if count <= IVF_LIMIT else "ivfpq"
+    given = {"nlist": nlist, "nprobe": nprobe, "m": m, "refine": refine}
+    unused = [f"--{name}" for name, value in given.items() if value is not None and name not in USES[kind]]
+    if unused:  # silently built without them, the index would not be the one asked for
+        chosen = f"auto picks {kind} for {count:,} vectors" if picked else f"--kind {kind}"
+        article = "an" if kind.startswith("i") else "a"
+        raise ValueError(f"{', '.join(unused)}: not used by {article} {kind} index ({chosen}); "
+                         + ("use --kind ivf or ivfpq" if "--m" not in unused and "--refine" not in unused else "use --kind ivfpq"))
     memory = {"ids": count * (id_chars + PY_STR_OVERHEAD)}
     plan = IndexPlan(kind, count, dim, memory=memory)
     if kind == "flat":
@@ -152,8 +161,9 @@ class EmbeddingIndex:
         """kind: flat (exact) | ivf (k-means cells, `nprobe` visited) | hnsw (graph) | ivfpq (compressed) | auto."""
         if len(ids) != len(vectors):
             raise ValueError(f"{len(ids)} ids for {len(vectors)} vectors")
-        pq.setdefault("refine", 0)  # in memory: re-ranking would keep the raw vectors (ask with refine=N)
         plan = plan_index(len(vectors), vectors.shape[1], kind, nlist, nprobe, hnsw_m=hnsw_m, ef_search=ef_search, **pq)
+        if plan.kind == "ivfpq" and pq.get("refine") is None:
+            plan.params["refine"] = 0  # in memory: re-ranking would keep the raw vectors (ask with refine=N)
         rows = _normalized(vectors) if plan.params.get("refine") else None
         return cls.build_from_chunks(plan, lambda: [(vectors, ids)], seed=seed, vectors=rows)
 

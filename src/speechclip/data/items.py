@@ -8,6 +8,8 @@ from typing import Iterable, Sequence
 
 import soundfile
 
+from ..audio import cut_short
+
 
 class DataError(ValueError):
     """A dataset file or field is missing or malformed; the message names it."""
@@ -63,12 +65,13 @@ def _problem(item: SpokenCaption) -> tuple[str, str] | None:
     if not item.audio.is_file():
         return str(item.audio), "missing audio"
     try:
-        frames = soundfile.info(str(item.audio)).frames
+        info = soundfile.info(str(item.audio))
     except (RuntimeError, soundfile.LibsndfileError) as error:
         return str(item.audio), f"unreadable audio ({error})"
-    if frames == 0:
+    if info.frames == 0:
         return str(item.audio), "empty audio"
-    return None
+    cut = cut_short(info.extra_info)
+    return (str(item.audio), cut) if cut else None
 
 
 @dataclass
@@ -80,14 +83,21 @@ class ImageTable:
     caption_rows: list[int]  # per caption, the row of its image in `ids` / `paths`
 
 
-def image_table(items: Sequence[SpokenCaption]) -> ImageTable:
-    rows: dict[str, int] = {}
-    paths: list[Path] = []
+def distinct_images(items: Iterable[SpokenCaption]) -> dict[str, Path]:
+    """Each image id's file, in first-seen order. An id naming two files is refused: which one retrieval
+    ranks (or an export embeds) would otherwise depend on the order of the rows."""
+    files: dict[str, Path] = {}
     for item in items:
-        if item.image_id not in rows:
-            rows[item.image_id] = len(paths)
-            paths.append(item.image)
-    return ImageTable(list(rows), paths, [rows[item.image_id] for item in items])
+        known = files.setdefault(item.image_id, item.image)
+        if known != item.image:
+            raise DataError(f"image_id {item.image_id!r}: names two files, {known} and {item.image}")
+    return files
+
+
+def image_table(items: Sequence[SpokenCaption]) -> ImageTable:
+    files = distinct_images(items)
+    rows = {image_id: row for row, image_id in enumerate(files)}
+    return ImageTable(list(files), list(files.values()), [rows[item.image_id] for item in items])
 
 
 def by_image(items: Iterable[SpokenCaption]) -> dict[str, list[SpokenCaption]]:
