@@ -10,7 +10,7 @@ from speechclip.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_every_stage(tmp_path, capsys):
+def test_quick_demo_runs_every_stage(tmp_path, capsys, monkeypatch):
     main(["demo", "--quick", "--plus", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     results = json.loads((tmp_path / "results.json").read_text())
@@ -76,6 +76,35 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert reseeded["arithmetic"] == "fp32" and not reseeded["pretraining"]["hubert"]["spec"]["bf16"]
     for name in ("pretrained", "random"):
         assert json.loads((tmp_path / "runs" / name / "demo_run.json").read_text())["config"]["train"]["precision"] == "32-true"
+    _released_encoders_are_taken_instead_of_pre_training(tmp_path, monkeypatch)
+
+
+def _released_encoders_are_taken_instead_of_pre_training(build, monkeypatch):
+    """These encoders released (as the package ships the full build's, `demo/released.py`): a new folder takes them,
+    byte for byte, and trains the control on every thread after the pretrained run; --pretrain builds its own."""
+    import shutil
+
+    from speechclip.demo import released
+
+    release = build / "release"
+    for name in ("clip", "hubert"):
+        shutil.copytree(build / "encoders" / name, release / name)
+        log = json.loads((release / name / "pretrain.json").read_text())
+        (release / name / "pretrain.json").write_text(json.dumps({**log, "released": {"by": "this test"}}))
+    monkeypatch.setattr(released, "RELEASED", release)
+    out = build / "second"
+    main(["demo", "--quick", "--seed", "1", "--out", str(out)])  # the release's recipe, but bf16 where the CPU has it
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["jobs"]) == {"pretrained", "random"}
+    assert results["jobs"]["random"]["start"] >= results["jobs"]["pretrained"]["end"]
+    assert results["jobs"]["random"]["threads"] == results["jobs"]["pretrained"]["threads"]
+    for name in ("clip", "hubert"):
+        assert results["pretraining"][name]["released"] == {"by": "this test"}
+        for file in (release / name).iterdir():
+            assert (out / "encoders" / name / file.name).read_bytes() == file.read_bytes(), file
+    main(["demo", "--quick", "--seed", "1", "--pretrain", "--out", str(out)])
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert {"mini CLIP", "mini HuBERT"} <= set(rebuilt["jobs"]) and "released" not in rebuilt["pretraining"]["hubert"]
 
 
 def _check_keywords(out, results: dict) -> None:
@@ -167,7 +196,7 @@ def test_stage_two_gives_jobs_only_to_what_is_not_finished(monkeypatch, tmp_path
 
     spec = DemoSpec.quick()
     finished_encoders, finished_runs = set(), set()
-    monkeypatch.setattr(demo_run, "finished_pretraining", lambda folder, s: {"spec": {}} if folder.name in finished_encoders else None)
+    monkeypatch.setattr(demo_run, "finished_pretraining", lambda folder, s, released=True: {"spec": {}} if folder.name in finished_encoders else None)
     monkeypatch.setattr(demo_run, "finished_run", lambda values, encoders, run_dir: {"global_step": 1} if run_dir.name in finished_runs else None)
     monkeypatch.setattr(demo_run, "runs_in_workers", lambda threads: True)
 
@@ -184,7 +213,9 @@ def test_stage_two_gives_jobs_only_to_what_is_not_finished(monkeypatch, tmp_path
     jobs, done = plan()
     assert jobs == {"plus": ((), True)} and done == {"mini CLIP", "mini HuBERT", "pretrained", "random"}
     jobs, done = plan(retrain=True, plus=False)
-    assert jobs == {"random": ((), False), "pretrained": ((), True)} and done == {"mini CLIP", "mini HuBERT"}
+    # nothing to pre-train beside it: the control trains on every thread, after the pretrained run
+    assert jobs == {"random": ((), True), "pretrained": ((), True)} and list(jobs) == ["pretrained", "random"]
+    assert done == {"mini CLIP", "mini HuBERT"}
     caches = tmp_path / "cache" / "upstream_states" / "some-upstream"
     caches.mkdir(parents=True)
     plan()  # the mini HuBERT's pre-training is finished: its state caches stay

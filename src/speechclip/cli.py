@@ -110,7 +110,7 @@ def cmd_demo(args) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, fresh=args.fresh, retrain=args.retrain, seed=args.seed, plus=args.plus,
-             check=not args.no_check, fp32=args.fp32)
+             check=not args.no_check, fp32=args.fp32, pretrain=args.pretrain)
 
 
 def cmd_index(args) -> None:
@@ -168,9 +168,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="a seconds-long miniature (what the tests run)")
     demo.add_argument("--fresh", action="store_true", help="rebuild the corpus, encoders and SpeechCLIP runs")
+    demo.add_argument("--pretrain", action="store_true",
+                      help="pre-train the mini CLIP and mini HuBERT from nothing instead of taking the released ones "
+                           "(what they were built with; about 5 more minutes)")
     demo.add_argument("--retrain", action="store_true", help="reuse corpus and encoders, train SpeechCLIP again")
     demo.add_argument("--seed", type=int, default=0,
-                      help="another draw of every training run on the same corpus (0: the default build); "
+                      help="another draw of every training run on the same corpus (0: the default build; another "
+                           "seed pre-trains its own mini encoders); "
                            "with --out elsewhere, to measure the spread of the results")
     demo.add_argument("--plus", action="store_true",
                       help="also train SpeechCLIP+'s hybrid_plus (CIF keywords) and add its line to the table")

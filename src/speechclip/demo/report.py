@@ -63,6 +63,9 @@ def format_demo_table(results: dict) -> str:
         f"  wall time: {results['total_seconds']:.0f} s  (" + ", ".join(f"{k.split('.')[0]}:{v:.0f}s" for k, v in results["stage_seconds"].items())
         + ")" + (f", computed in {results['arithmetic']}" if results.get("arithmetic") else ""),
     ]
+    encoders = results.get("pretraining") or {}
+    if encoders and all(log.get("released") for log in encoders.values()):
+        lines.append("    mini encoders: the released ones (what `speechclip demo --pretrain` builds at seed 0), not pre-trained here")
     if results.get("jobs"):
         lines.append("    stage 2's jobs, start-end s (threads): " + ", ".join(
             f"{name} {job['start']:.0f}-{job['end']:.0f} ({job['threads']})" for name, job in results["jobs"].items()))
@@ -129,7 +132,7 @@ def _curves(out: Path, folder: Path, clip_log: dict, hubert_log: dict) -> None:
                              (axes[2], hubert_log, "mini HuBERT masked-prediction loss")):
         if log.get("losses"):
             axis.plot(log["losses"])
-        axis.set(title=title + (" (reused)" if log.get("reused") else ""), xlabel="step")
+        axis.set(title=title + (" (released)" if log.get("released") else " (reused)" if log.get("reused") else ""), xlabel="step")
     figure.tight_layout()
     figure.savefig(folder / "training_curves.png", dpi=90)
     plt.close(figure)

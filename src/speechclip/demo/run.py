@@ -2,8 +2,9 @@
 
 0. check free memory and disk (one line saying what is missing, instead of being killed part way);
 1. build the offline spoken-caption corpus (or reuse it);
-2. pre-train a mini CLIP (image-caption pairs) and a mini HuBERT (speech only, MFCC k-means targets),
-   saved as ordinary Hugging Face folders (reused on the next run); train SpeechCLIP hybrid (parallel +
+2. take the released mini CLIP and mini HuBERT (`released.py`), or with --pretrain (or another seed) pre-train
+   them: the mini CLIP on image-caption pairs, the mini HuBERT on speech only (MFCC k-means targets), saved as
+   ordinary Hugging Face folders (reused on the next run); train SpeechCLIP hybrid (parallel +
    cascaded) with both frozen, on image-speech pairs only, and, as a control, the same for a quarter of the
    steps on a randomly initialised frozen upstream (with --plus, also SpeechCLIP+'s hybrid_plus on the
    pre-trained upstream): jobs in worker processes, side by side where they use a second thread poorly
@@ -39,6 +40,7 @@ from ..train.resume import metrics_history
 from ..train.state_cache import state_caches_folder
 from .memory import MiB, TreeSampler, check_resources, folder_bytes, release_free_memory
 from .report import format_demo_table, write_pictures
+from .released import install_released, same_recipe
 from .schedule import Job, run_jobs, runs_in_workers
 from .spec import DemoSpec, speechclip_config
 from .train import finished_run, train_one
@@ -80,18 +82,22 @@ def wanted_spec(spec: object) -> dict:
     return json.loads(json.dumps(asdict(spec)))
 
 
-def finished_pretraining(folder: Path, spec: object) -> dict | None:
-    """The log of a finished pre-training in `folder` for the same spec (its pretrain.json), if there is one."""
+def finished_pretraining(folder: Path, spec: object, released: bool = True) -> dict | None:
+    """The log of a finished pre-training in `folder` for the same spec (its pretrain.json), if there is one.
+    A released encoder installed there (`released.py`) counts unless `released` is False (`--pretrain`)."""
     try:
         log = json.loads((folder / "pretrain.json").read_text())
     except (OSError, ValueError):  # absent, or an older build's marker cut short: build again
         return None
+    if log.get("released"):
+        return log if released and same_recipe(log.get("spec", {}), wanted_spec(spec)) else None
     return log if log.get("spec") == wanted_spec(spec) else None
 
 
 def pretrain_once(folder: Path, spec: object, build) -> dict:
-    """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json)."""
-    log = finished_pretraining(folder, spec)
+    """Run `build()` unless `folder` holds a finished result for the same spec (pretrain.json), not a released
+    one (a job pre-trains only where the released encoders were not wanted)."""
+    log = finished_pretraining(folder, spec, released=False)
     if log is not None:
         log["reused"] = True
         return log
@@ -114,10 +120,11 @@ def preflight(out: Path, quick: bool) -> None:
 
 
 def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool = False, seed: int = 0,
-             plus: bool = False, check: bool = True, fp32: bool = False) -> dict:
+             plus: bool = False, check: bool = True, fp32: bool = False, pretrain: bool = False) -> dict:
     """fresh: rebuild everything; retrain: reuse corpus and encoders, train SpeechCLIP again; seed: another
     draw of the training runs (0: the default build); plus: also train and report SpeechCLIP+'s hybrid_plus;
-    fp32: no bf16 autocast even where the CPU has bf16 units (what a CPU without them computes)."""
+    fp32: no bf16 autocast even where the CPU has bf16 units (what a CPU without them computes); pretrain:
+    pre-train the mini encoders from nothing even where the released ones fit (`released.py`)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = (DemoSpec.quick() if quick else DemoSpec()).seeded(seed)
     spec = spec.in_fp32() if fp32 else spec
@@ -130,7 +137,7 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
             marker.unlink()
         (out / "corpus" / "corpus.json").unlink(missing_ok=True)
     with TreeSampler() as memory:
-        results = _build(out, spec, Stages(memory), retrain, plus)
+        results = _build(out, spec, Stages(memory), retrain, plus, pretrain)
         results["peak_memory_mib"] = round(memory.whole.pss / MiB)
         results["peak_memory_rss_mib"] = round(memory.whole.rss / MiB)
     results["quick"] = quick
@@ -140,14 +147,14 @@ def run_demo(out: Path, quick: bool = False, fresh: bool = False, retrain: bool 
     return results
 
 
-def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool) -> dict:
+def _build(out: Path, spec: DemoSpec, stage: Stages, retrain: bool, plus: bool, pretrain: bool) -> dict:
     started = time.perf_counter()
     with stage("1. offline corpus"):
         corpus_dir = out / "corpus"
         corpus = build_corpus(corpus_dir, spec.corpus)
         train_items = read_dataset("manifest", str(corpus_dir), "train")
-    with stage("2. pre-train mini CLIP and mini HuBERT, train SpeechCLIP and the control"):
-        jobs, done = _jobs(out, spec, corpus_dir, train_items, retrain, plus)
+    with stage("2. pre-train mini CLIP and mini HuBERT (or take the released ones), train SpeechCLIP and the control"):
+        jobs, done = _jobs(out, spec, corpus_dir, train_items, retrain, plus, pretrain)
         del train_items
         schedule = run_jobs(jobs, torch.get_num_threads())
         schedule.raise_first_failure()
@@ -171,20 +178,24 @@ RUN_NAMES = ("pretrained", "random", "plus")  # the SpeechCLIP runs, by their fo
 
 
 def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenCaption], retrain: bool,
-          plus: bool) -> tuple[list[Job], dict]:
-    """Stage 2 as jobs (`schedule.py`): the mini CLIP and the mini HuBERT side by side on one thread each;
-    the control once the mini CLIP is done, beside the mini HuBERT; then the pretrained run on every thread
-    (it builds its upstream-state cache first: as a one-thread job of its own, alone once the control had
-    ended, that cache left the other core idle for 69 s of stage 2's 636, RESULTS.md "demo stages", stop 32).
+          plus: bool, pretrain: bool = False) -> tuple[list[Job], dict]:
+    """Stage 2 as jobs (`schedule.py`). The encoders: the released ones where they fit the spec (`released.py`),
+    else pre-trained: the mini CLIP and the mini HuBERT side by side on one thread each, the control once the mini
+    CLIP is done, beside the mini HuBERT, then the pretrained run on every thread (it builds its upstream-state
+    cache first: as a one-thread job of its own, alone once the control had ended, that cache left the other core
+    idle for 69 s of stage 2's 636, RESULTS.md "demo stages", stop 32). With no pre-training to run beside it
+    (released or reused encoders), the control has nothing to share a core with: it trains on every thread after
+    the pretrained run, since one thread would leave the other core idle for its whole length.
     What is already finished gets no job: pre-trainings of the same spec, and SpeechCLIP runs of the same
-    configuration (not with `retrain`); their logs come back as the dict, by job name.
-
-    Fixed thread counts have a cost where the encoders are reused (`--retrain`): the control then trains
-    alone on one thread while the other core waits for the pretrained run, which needs both."""
+    configuration (not with `retrain`); their logs come back as the dict, by job name."""
     encoders = out / "encoders"
     done: dict[str, dict] = {}
     for name, folder, pretraining in ((CLIP_JOB, encoders / "clip", spec.clip), (HUBERT_JOB, encoders / "hubert", spec.hubert)):
-        log = finished_pretraining(folder, pretraining)
+        log = finished_pretraining(folder, pretraining, released=not pretrain)
+        if log is None and not pretrain:
+            log = install_released(folder.name, wanted_spec(pretraining), folder)
+            if log is not None and name == HUBERT_JOB:
+                _drop_state_caches(out / "cache")  # of the upstream the released one replaces, if any
         if log is not None:
             done[name] = {**log, "reused": True}
     if HUBERT_JOB not in done:
@@ -197,7 +208,11 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
         jobs.append(Job(CLIP_JOB, pretrain_clip_job, (encoders / "clip", spec.clip, pairs, bars)))
     if HUBERT_JOB not in done:
         jobs.append(Job(HUBERT_JOB, pretrain_hubert_job, (encoders / "hubert", spec.hubert, [i.audio for i in train_items], bars)))
+    pretraining = bool(jobs)
     specs = {"clip": wanted_spec(spec.clip), "hubert": wanted_spec(spec.hubert)}
+    releases = {key: done.get(name, {}).get("released") for key, name in (("clip", CLIP_JOB), ("hubert", HUBERT_JOB))}
+    if any(releases.values()):  # released encoders of the same spec are not the ones pre-trained here (other bits)
+        specs["released"] = releases
     config = lambda folder, variant="hybrid", steps=None: speechclip_config(  # noqa: E731
         spec, encoders / folder, encoders / "clip", corpus_dir, out / "cache", variant, steps)
     runs = {"pretrained": (config("hubert"), specs, out / "runs" / "pretrained"),
@@ -209,11 +224,14 @@ def _jobs(out: Path, spec: DemoSpec, corpus_dir: Path, train_items: list[SpokenC
         if summary is not None:
             done[name] = summary
     waiting = lambda *names: tuple(name for name in names if name not in done)  # noqa: E731 - only jobs that run
-    if "random" not in done:
-        jobs.append(Job("random", train_one, (*runs["random"], "random", bars), after=waiting(CLIP_JOB)))
+    control = Job("random", train_one, (*runs["random"], "random", bars), after=waiting(CLIP_JOB), whole_machine=not pretraining)
+    if "random" not in done and pretraining:
+        jobs.append(control)
     if "pretrained" not in done:
         jobs.append(Job("pretrained", train_one, (*runs["pretrained"], "pretrained", bars),
                         after=waiting(CLIP_JOB, HUBERT_JOB), whole_machine=True))
+    if "random" not in done and not pretraining:
+        jobs.append(control)
     if plus and "plus" not in done:  # after the pretrained run, whose upstream-state cache it reads
         jobs.append(Job("plus", train_one, (*runs["plus"], "plus", bars), after=waiting(CLIP_JOB, HUBERT_JOB, "pretrained"),
                         whole_machine=True))
