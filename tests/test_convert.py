@@ -157,7 +157,7 @@ def test_a_legacy_pickle_file_converts_too(tmp_path):
     path = save_official_checkpoint(tmp_path / "old.ckpt", state, config, legacy=True)
     folder = convert_checkpoint(path, tmp_path / "out")
     assert (folder / "model.safetensors").is_file()
-    with pytest.raises(ConversionError, match="already exists"):
+    with pytest.raises(ConversionError, match="holds a converted model"):
         convert_checkpoint(path, folder)
 
 
@@ -168,7 +168,7 @@ def test_cli_convert_and_its_errors(tmp_path):
     done = run("convert", str(path), "--out", str(tmp_path / "c"))
     assert done.returncode == 0 and "cascaded model converted" in done.stdout, done.stderr[-800:]
     again = run("convert", str(path), "--out", str(tmp_path / "c"))
-    assert again.returncode == 2 and again.stderr.strip().endswith("already exists; choose another folder or pass overwrite=True (--overwrite)")
+    assert again.returncode == 2 and again.stderr.strip().endswith("holds a converted model; choose another folder or pass overwrite=True (--overwrite)")
     assert "Traceback" not in again.stderr
     words = run("keywords", "--checkpoint", str(tmp_path / "c"), "--top-k", "2", str(_wav(tmp_path)))
     assert words.returncode == 0 and words.stdout.count("keyword ") == 4, words.stderr[-800:]

@@ -3,6 +3,7 @@ kill at any moment leaves the old folder or the new one, never a mix of their fi
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,37 @@ from pathlib import Path
 def swap_in(staging: Path, target: Path) -> None:
     """Move the finished `staging` folder to `target`; an old `target` is moved aside first and deleted only after."""
     old = target.parent / f".{target.name}.replaced-{os.getpid()}"
-    if target.exists():
+    if target.exists() or target.is_symlink():
         target.rename(old)
     staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a folder, file or link if there is one (rmtree alone leaves a file or a link in place)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(target: Path, tag: str) -> list[Path]:
+    """Delete the `.NAME.TAG-PID` folders beside `target` whose process is gone: a killed run (SIGTERM, power)
+    skips its own clean-up, and the next run has another pid, so nothing else would ever remove them."""
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.{tag}-*"):
+        pid = path.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
+            remove(path)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

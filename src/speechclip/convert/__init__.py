@@ -13,59 +13,81 @@ else stops the conversion with its name. The folder appears complete or not at a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
-from ..folders import swap_in
+from safetensors import SafetensorError
+
+from ..folders import remove, remove_stale, swap_in
 from .errors import ConversionError
 from .heads import CLIP_PREFIX, FULL_TABLE, UPSTREAM_PREFIX, head_weights, keyword_vocab, model_values
 from .reader import read_checkpoint
+from .target import REPORT, check_target
 
 __all__ = ["ConversionError", "convert_checkpoint"]
-UPSTREAM_FOLDER, CLIP_FOLDER, REPORT = "hubert", "clip", "conversion.json"
+UPSTREAM_FOLDER, CLIP_FOLDER = "hubert", "clip"
 
 
 def convert_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Convert one released `.ckpt` into the folder `out` (refused if it exists, unless `overwrite`)."""
+    """Convert one released `.ckpt` into the folder `out`: a new or empty folder, or, with `overwrite`, one that
+    holds a converted model (`target.check_target`: nothing else is ever replaced)."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    check_target(out, checkpoint, overwrite)
+    released = read_checkpoint(checkpoint)
+    remove_stale(out, "converting")  # left by a killed conversion (another pid); a finished swap's old folder too:
+    if out.exists():
+        remove_stale(out, "replaced")  # without `out`, that old folder is the only copy left
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    remove(staging)
+    try:
+        _convert_into(staging, released)
+        swap_in(staging, out)
+    except (OSError, SafetensorError) as error:
+        raise _write_error(error, out) from error
+    finally:
+        remove(staging)
+    return out
+
+
+def _convert_into(staging: Path, released) -> None:
+    """Write the whole converted folder to `staging`: encoders, heads, config and report."""
     from ..model import SpeechCLIP  # the model imports nothing from here; the converter builds one
     from .hubert import convert_fairseq_hubert, save_hubert_folder
     from .openai_clip import convert_openai_clip, openai_clip_tokenizer, save_clip_folder
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: already exists; choose another folder or pass overwrite=True (--overwrite)")
-    released = read_checkpoint(checkpoint)
     source, state = str(released.path), released.state
     values, large = model_values(released.config, state, source)
-    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        weights, head_keys = head_weights(state, source)
-        weights = {k: v.clone() for k, v in weights.items()}  # small; the memory-mapped file can then be let go
-        vocab, full_table = keyword_vocab(state, source)
-        hubert_config, hubert_state, upstream_keys = convert_fairseq_hubert(state, UPSTREAM_PREFIX, large, source)
-        save_hubert_folder(hubert_config, hubert_state, staging / UPSTREAM_FOLDER, values["normalize_waveform"])
-        del hubert_state
-        clip_config, clip_state, clip_keys = convert_openai_clip(state, CLIP_PREFIX, full_table, source)
-        save_clip_folder(clip_config, clip_state, openai_clip_tokenizer(), staging / CLIP_FOLDER)
-        del clip_state, full_table
-        unused = sorted(set(state) - upstream_keys - clip_keys - head_keys - {FULL_TABLE})
-        if unused:
-            raise ConversionError(f"{source}: {unused[0]}: no conversion rule for this key ({len(unused)} left)")
-        released.state, state = {}, None  # unmap the checkpoint before the model loads its own copy of the encoders
-        if values["variant"] != "parallel":
-            values.setdefault("cascaded", {})["keyword_vocab"] = vocab
-        values.update(upstream=str(staging / UPSTREAM_FOLDER), clip=str(staging / CLIP_FOLDER))
-        model = _assemble(SpeechCLIP, values, weights, source)
-        model.save_pretrained(staging)
-        _write_report(staging / REPORT, released, values, model)
-        swap_in(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    weights, head_keys = head_weights(state, source)
+    weights = {k: v.clone() for k, v in weights.items()}  # small; the memory-mapped file can then be let go
+    vocab, full_table = keyword_vocab(state, source)
+    hubert_config, hubert_state, upstream_keys = convert_fairseq_hubert(state, UPSTREAM_PREFIX, large, source)
+    save_hubert_folder(hubert_config, hubert_state, staging / UPSTREAM_FOLDER, values["normalize_waveform"])
+    del hubert_state
+    clip_config, clip_state, clip_keys = convert_openai_clip(state, CLIP_PREFIX, full_table, source)
+    save_clip_folder(clip_config, clip_state, openai_clip_tokenizer(), staging / CLIP_FOLDER)
+    del clip_state, full_table
+    unused = sorted(set(state) - upstream_keys - clip_keys - head_keys - {FULL_TABLE})
+    if unused:
+        raise ConversionError(f"{source}: {unused[0]}: no conversion rule for this key ({len(unused)} left)")
+    released.state, state = {}, None  # unmap the checkpoint before the model loads its own copy of the encoders
+    if values["variant"] != "parallel":
+        values.setdefault("cascaded", {})["keyword_vocab"] = vocab
+    values.update(upstream=str(staging / UPSTREAM_FOLDER), clip=str(staging / CLIP_FOLDER))
+    model = _assemble(SpeechCLIP, values, weights, source)
+    model.save_pretrained(staging)
+    _write_report(staging / REPORT, released, values, model)  # last: its presence marks a finished folder
+
+
+def _write_error(error: Exception, out: Path) -> ConversionError:
+    """One line for a failed write; safetensors reports a full disk as its own error with the OS code inside."""
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "code: 28," in text or "No space left" in text:
+        return ConversionError(f"no space left on device writing {out}")
+    detail = getattr(error, "strerror", None) or (text.splitlines()[0] if text else type(error).__name__)
+    return ConversionError(f"{out}: cannot write the converted folder ({detail})")
 
 
 def _assemble(model_class, values: dict, weights: dict, source: str):

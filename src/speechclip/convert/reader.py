@@ -11,6 +11,8 @@ memory-mapped, so a 3 GB Large checkpoint is paged in as it is converted, not re
 from __future__ import annotations
 
 import pickle
+import re
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ class Namespace:
 # Data-only classes a released checkpoint names, by the fully qualified name its pickle uses. (Lightning 1.5
 # saves hyper_parameters as a plain dict and callback states under string keys, so nothing else is needed.)
 INERT_CLASSES = {"avssl.base.ordered_namespace.OrderedNamespace": Namespace}
+NOT_READABLE = "not a readable PyTorch checkpoint: damaged, or a file of another format"
 
 
 def _plain(value: Any) -> Any:
@@ -57,8 +60,11 @@ class ReleasedCheckpoint:
 def read_checkpoint(path: str | Path) -> ReleasedCheckpoint:
     """Load `path` safely; raise ConversionError naming it if it is not a readable Lightning checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"{path}: a folder, not a .ckpt file")
     if not path.is_file():
         raise ConversionError(f"{path}: no such file")
+    check_archive(path)
     raw = _load(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
         raise ConversionError(f"{path}: not a Lightning checkpoint (no state_dict inside)")
@@ -75,6 +81,27 @@ def read_checkpoint(path: str | Path) -> ReleasedCheckpoint:
     return ReleasedCheckpoint(path, dict(state), config.to_dict(), extras)
 
 
+def check_archive(path: Path) -> None:
+    """Read every entry of a zip checkpoint through `zipfile`, which checks each one's CRC-32: torch memory-maps
+    the tensors without checking, so a corrupted download would otherwise convert into wrong weights. (Legacy
+    pickle files carry no checksums; a file that is no zip at all is left to torch.load to name.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                with archive.open(entry) as data:
+                    while data.read(1 << 22):
+                        pass
+    except zipfile.BadZipFile as error:
+        bad = re.search(r"Bad CRC-32 for file '(.+)'", str(error))
+        if bad:
+            raise ConversionError(f"{path}: damaged (CRC mismatch in {bad.group(1)}); download it again") from None
+        raise ConversionError(f"{path}: {NOT_READABLE} (detail: {_first_line(error)})") from None
+    except (OSError, EOFError, ValueError) as error:
+        raise ConversionError(f"{path}: {NOT_READABLE} (detail: {_first_line(error)})") from None
+
+
 def _load(path: Path) -> Any:
     inert = [(cls, name) for name, cls in INERT_CLASSES.items()]
     try:
@@ -88,11 +115,11 @@ def _load(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         wanted = _refusal(error)
         if wanted is None:
-            raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({_unpickler_reason(error)})") from error
+            raise ConversionError(f"{path}: {NOT_READABLE} (detail: {_unpickler_reason(error)})") from error
         raise ConversionError(f"{path}: refused: {wanted}; a released checkpoint holds only tensors, "
                               "containers and its config, so nothing in it was run") from error
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as error:
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})") from error
+        raise ConversionError(f"{path}: {NOT_READABLE} (detail: {_first_line(error)})") from error
 
 
 def _refusal(error: Exception) -> str | None:
