@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from .errors import ConversionError
-from .names import Rule, apply_name_table, layer_indices
-from .official import (attention_settings, get, mlp_hidden, official_variant, temperature_settings, upstream_settings,
-                       vq_temperature)
+from .names import Rule, apply_name_table, layer_indices, require_tensor
+from .official import (SETTINGS, attention_settings, get, mlp_hidden, num_heads, official_variant,
+                       temperature_settings, upstream_settings, vq_temperature)
 
 UPSTREAM_PREFIX = "audio_encoder.encoder."  # fairseq HuBERT (convert.hubert)
 CLIP_PREFIX = "clip.model."  # OpenAI CLIP with the REDUCED token table (convert.openai_clip)
@@ -60,8 +60,8 @@ def model_values(config: Mapping, state: Mapping[str, Tensor], source: str) -> t
     large, values = upstream_settings(config, source)
     values.update(temperature_settings(config, state, source), variant=variant)
     if variant.startswith("hybrid"):
-        values["parallel_loss_weight"] = float(settings["parallel_objective_weight"])
-        values["cascaded_loss_weight"] = float(settings["cascaded_objective_weight"])
+        values["parallel_loss_weight"] = float(get(settings, "parallel_objective_weight", source, within=SETTINGS))
+        values["cascaded_loss_weight"] = float(get(settings, "cascaded_objective_weight", source, within=SETTINGS))
         values["parallel"] = {"projection_hidden": mlp_hidden(state, "cascaded_branch.parallel_proj", source),
                               "projection_dropout": float(get(settings, "parallel_branch.projection_config.dropout", source, 0.1))}
     if variant == "parallel":
@@ -74,37 +74,48 @@ def model_values(config: Mapping, state: Mapping[str, Tensor], source: str) -> t
 
 
 def _parallel(settings: Mapping, state: Mapping[str, Tensor], source: str) -> dict:
-    branch = settings["parallel_branch"]
-    args = branch["transformer_args"]
+    branch = get(settings, "parallel_branch", source, within=SETTINGS)
+    args = get(branch, "transformer_args", source, within=SETTINGS + "parallel_branch.")
     kind = args.get("type", branch.get("transformer_type"))
     if kind != "TransformerEncoder" or not branch.get("need_projection", True):
         raise ConversionError(f"{source}: parallel branch {kind!r} without projection does not convert")
-    layers = encoder_layers(state, "parallel_branch.self_att.model.", args, source)
-    return {"num_layers": layers, "num_heads": int(args["nhead"]), "dropout": float(args.get("dropout", 0.1)),
-            "ffn_dim": int(state["parallel_branch.self_att.model.layers.0.linear1.weight"].shape[0]),
-            "final_norm": "parallel_branch.self_att.model.norm.weight" in state,
+    prefix = "parallel_branch.self_att.model."
+    layers = encoder_layers(state, prefix, args, source)
+    heads = num_heads(args, SETTINGS + "parallel_branch.transformer_args", _width(state, prefix), source)
+    return {"num_layers": layers, "num_heads": heads, "dropout": float(args.get("dropout", 0.1)),
+            "ffn_dim": int(state[prefix + "layers.0.linear1.weight"].shape[0]),
+            "final_norm": prefix + "norm.weight" in state,
             "projection_hidden": mlp_hidden(state, "parallel_branch.linear_proj", source)}
 
 
 def _cascaded(settings: Mapping, state: Mapping[str, Tensor], variant: str, source: str) -> dict:
-    branch = settings["cascaded_branch"]
-    args = branch["transformer_args"]
-    values = attention_settings(args, args.get("type", branch.get("transformer_type")), source)
+    branch = get(settings, "cascaded_branch", source, within=SETTINGS)
+    args = get(branch, "transformer_args", source, within=SETTINGS + "cascaded_branch.")
+    prefix = "cascaded_branch.self_att."
+    values = attention_settings(args, args.get("type", branch.get("transformer_type")),
+                                SETTINGS + "cascaded_branch.transformer_args", _width(state, prefix), source)
     if values["attention"] == "transformer":
-        values["num_layers"] = encoder_layers(state, "cascaded_branch.self_att.model.", args, source)
+        values["num_layers"] = encoder_layers(state, prefix + "model.", args, source)
+        values["ffn_dim"] = int(state[prefix + "model.layers.0.linear1.weight"].shape[0])
     vq = branch.get("vq", {})
     if vq.get("type", "SimpleVectorQuantizer") != "SimpleVectorQuantizer":
         raise ConversionError(f"{source}: vector quantizer {vq.get('type')!r} does not convert")
     if get(branch, "keyword.batchnorms", source, None) is None:
         raise ConversionError(f"{source}: a cascaded branch without keyword BatchNorm does not convert")
     values.update(vq_temperature=vq_temperature(vq, state, source), hard=bool(get(vq, "args.hard", source, True)),
-                  keywords_shown=int(get(branch, "keyword.detokenized_K_neighbors", source, 5)),
+                  keywords_shown=int(get(branch, "keyword.detokenized_K_neighbors", source, 10)),  # the reference default
                   projection_hidden=mlp_hidden(state, "cascaded_branch.linear_proj", source),
                   projection_dropout=float(get(branch, "keyword.kw_projection.dropout", source, 0.1)))
     if variant in ("cascaded", "hybrid"):
-        cls = state["cascaded_branch.cls" if variant == "cascaded" else "cascaded_branch.cascaded_cls"]
-        values["num_keywords"] = int(cls.shape[1])
+        cls = "cascaded_branch.cls" if variant == "cascaded" else "cascaded_branch.cascaded_cls"
+        values["num_keywords"] = int(require_tensor(state, "", cls, source).shape[1])
     return values
+
+
+def _width(state: Mapping[str, Tensor], prefix: str) -> int | None:
+    """The attention width of the branch under `prefix` (in_proj is (3 D, D)); None if absent (named later)."""
+    key = next((k for k in state if k.startswith(prefix) and k.endswith("in_proj_weight")), None)
+    return None if key is None else int(state[key].shape[1])
 
 
 def encoder_layers(state: Mapping[str, Tensor], prefix: str, args: Mapping, source: str) -> int:
@@ -119,7 +130,7 @@ def encoder_layers(state: Mapping[str, Tensor], prefix: str, args: Mapping, sour
 
 
 def _cif(settings: Mapping, state: Mapping[str, Tensor], source: str) -> dict:
-    downsampling = get(settings, "cascaded_branch.downsampling", source)
+    downsampling = get(settings, "cascaded_branch.downsampling", source, within=SETTINGS)
     cif = downsampling.get("cif", {})
     if downsampling.get("type") != "cif" or cif.get("produce_weight_type", "conv") != "conv":
         raise ConversionError(f"{source}: downsampling {downsampling.get('type')!r}/{cif.get('produce_weight_type')!r}: "

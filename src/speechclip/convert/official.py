@@ -21,15 +21,16 @@ BRANCH_VARIANTS = {"CascadedBranch": "cascaded", "CascadedBranch_plus": "cascade
                    "HybridBranch": "hybrid", "HybridBranch_plus": "hybrid_plus"}
 LARGE_UPSTREAMS = ("hubert_large_ll60k",)  # fairseq task normalize=True: waveforms layer-normed before HuBERT
 BASE_UPSTREAMS = ("hubert", "hubert_base")
+SETTINGS = "model_settings."  # where the branch fields live, for messages
 
 
-def get(config: Mapping, path: str, source: str, default: Any = KeyError) -> Any:
-    """config["a"]["b"]... for "a.b", naming the missing field instead of a KeyError."""
+def get(config: Mapping, path: str, source: str, default: Any = KeyError, within: str = "") -> Any:
+    """config["a"]["b"]... for "a.b", naming the missing field (as `within` + path) instead of a KeyError."""
     node: Any = config
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
             if default is KeyError:
-                raise ConversionError(f"{source}: config field {path} is missing")
+                raise ConversionError(f"{source}: config field {within}{path} is missing")
             return default
         node = node[part]
     return node
@@ -43,7 +44,7 @@ def official_variant(config: Mapping, source: str) -> str:
         if parallel <= 0:
             raise ConversionError(f"{source}: neither objective weight is positive: no branch to convert")
         return "parallel"
-    kind = str(get(settings, "cascaded_branch.type", source)).replace("KW_", "").replace("dynamic", "plus")
+    kind = str(get(settings, "cascaded_branch.type", source, within=SETTINGS)).replace("KW_", "").replace("dynamic", "plus")
     if kind not in BRANCH_VARIANTS:
         raise ConversionError(f"{source}: model_settings.cascaded_branch.type {kind!r} is not one of the released "
                               f"branches {sorted(BRANCH_VARIANTS)}")
@@ -92,14 +93,25 @@ def mlp_hidden(state: Mapping[str, Tensor], prefix: str, source: str) -> list[in
     return [int(state[f"{prefix}.sequential.{i}.weight"].shape[0]) for i in indices[:-1]]
 
 
-def attention_settings(args: Mapping, kind: str, source: str) -> dict:
+def attention_settings(args: Mapping, kind: str, field: str, width: int | None, source: str) -> dict:
+    """Attention type, heads and dropout of a branch from its `field` (model_settings.X.transformer_args)."""
     kinds = {"MultiheadAttentionAndNorm": "attention", "TransformerEncoder": "transformer"}
     if kind not in kinds:
         raise ConversionError(f"{source}: transformer type {kind!r} does not convert (expected {sorted(kinds)})")
-    values = {"attention": kinds[kind], "num_heads": int(args.get("nhead", 1)), "dropout": float(args.get("dropout", 0.1))}
-    if kinds[kind] == "transformer":
-        values["ffn_dim"] = int(args.get("dim_feedforward", 3072))
-    return values
+    # dropout acts in training only; 0.1 is the reference modules' own default
+    return {"attention": kinds[kind], "num_heads": num_heads(args, field, width, source),
+            "dropout": float(args.get("dropout", 0.1))}
+
+
+def num_heads(args: Mapping, field: str, width: int | None, source: str) -> int:
+    """`nhead`, which no tensor shape reveals and which changes what attention computes: never guessed."""
+    if "nhead" not in args:
+        raise ConversionError(f"{source}: config field {field}.nhead is missing (the number of attention heads "
+                              "cannot be read from the tensors)")
+    heads = args["nhead"]
+    if not isinstance(heads, int) or heads < 1 or (width is not None and width % heads):
+        raise ConversionError(f"{source}: {field}.nhead={heads!r} does not divide the width {width}")
+    return heads
 
 
 def vq_temperature(vq: Mapping, state: Mapping[str, Tensor], source: str) -> float:
