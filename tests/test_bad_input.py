@@ -50,7 +50,9 @@ def _audio_cases(root: Path) -> list[tuple[str, object, str]]:
     (root / "cut.wav").write_bytes(whole[: len(whole) // 2])  # an interrupted copy: libsndfile reads what is there
     data = whole.index(b"data") + 8  # the RIFF data chunk: its size field, then the samples
     declared, present = int.from_bytes(whole[data - 4 : data], "little"), len(whole) // 2 - data
+    (root / "clips").mkdir(exist_ok=True)
     return [("missing file", root / "nowhere.wav", r"nowhere.wav: no such audio file"),
+            ("a folder", root / "clips", r"clips: a folder, not an audio file"),
             ("not audio", root / "notes.wav", r"notes.wav: unreadable audio"),
             ("empty", root / "empty.wav", r"empty.wav: empty audio"),
             ("shorter than one frame", root / "blip.wav", r"blip.wav: too short \(100 samples\); the upstream needs at least 400"),
@@ -59,14 +61,14 @@ def _audio_cases(root: Path) -> list[tuple[str, object, str]]:
             ("booleans", np.ones(4000, dtype=bool), r"audio\[0\]: expected float or integer PCM samples, got dtype bool")]
 
 
-@pytest.mark.parametrize("row", range(7))
+@pytest.mark.parametrize("row", range(8))
 def test_bad_audio_through_the_api(saved, row):
     name, clip, message = _audio_cases(saved["root"])[row]
     with pytest.raises(ValueError, match=message):
         saved["model"].encode_speech(clip)
 
 
-@pytest.mark.parametrize("row", range(5))
+@pytest.mark.parametrize("row", range(6))
 def test_bad_audio_through_the_cli(saved, capsys, row):
     name, clip, message = _audio_cases(saved["root"])[row]
     assert __import__("re").search(message, _cli(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(clip)))

@@ -92,3 +92,24 @@ def test_serve_uses_the_finished_demo_by_default(checkpoint, tmp_path, monkeypat
     assert served["sources"] == run.Sources(Path("runs/demo/runs/pretrained/final"), Path("runs/demo/corpus/images"),
                                             Path("runs/demo/corpus/test.jsonl"))
     assert served["host"] == "127.0.0.1" and served["port"] == 8123
+
+
+def test_serve_refuses_a_port_it_cannot_listen_on_before_loading_anything(checkpoint, tmp_path, monkeypatch, capsys):
+    """--port 70000 was an OverflowError, and a port in use was found only after the model loaded and the
+    gallery was indexed (a minute on a real gallery)."""
+    import socket
+
+    from speechclip.serve import run
+
+    monkeypatch.setattr(run, "build_app", lambda *a, **k: pytest.fail("loaded before the arguments were checked"))
+    serve = ["serve", "--checkpoint", str(checkpoint), "--images", str(tmp_path)]
+    for extra, message in ((["--port", "70000"], "--port 70000: must be 1-65535"),
+                           (["--max-upload-mb", "0"], "--max-upload-mb 0: must be above 0 (every request would be refused)")):
+        with pytest.raises(SystemExit) as stop:
+            main(serve + extra)
+        assert stop.value.code == 2 and capsys.readouterr().err.strip() == f"speechclip: error: {message}"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit):
+            main(serve + ["--port", str(port)])
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (" in capsys.readouterr().err

@@ -25,6 +25,8 @@ class AudioError(ValueError):
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, allow_silence: bool = True) -> np.ndarray:
     """Read any soundfile-supported file as float32 mono at `sample_rate` (stereo is averaged)."""
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: a folder, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
     return decode_audio(str(path), str(path), sample_rate, allow_silence)
@@ -37,13 +39,19 @@ def decode_audio(source: str | BinaryIO, name: str, sample_rate: int = SAMPLE_RA
             cut = cut_short(file.extra_info)
             samples, file_rate = file.read(dtype="float32", always_2d=True), file.samplerate
     except (RuntimeError, soundfile.LibsndfileError) as error:
-        raise AudioError(f"{name}: unreadable audio ({error})") from error
+        raise AudioError(f"{name}: unreadable audio ({reason(error)})") from error
     if cut:
         raise AudioError(f"{name}: {cut}")
     samples = samples.mean(axis=1)
     if file_rate != sample_rate and samples.size:
         samples = soxr.resample(samples, file_rate, sample_rate).astype(np.float32)
     return check_waveform(samples, name, allow_silence)
+
+
+def reason(error: Exception) -> str:
+    """libsndfile's own words: soundfile's message also names what it opened, which for an upload is the repr
+    of a temporary file object (`<tempfile.SpooledTemporaryFile object at 0x...>`), not the file's name."""
+    return getattr(error, "error_string", None) or str(error)
 
 
 # libsndfile's header log (`SoundFile.extra_info`) for a WAV whose data chunk is shorter than its header says

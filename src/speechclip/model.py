@@ -176,7 +176,7 @@ class SpeechCLIP(nn.Module):
         """For each clip, each keyword slot (K fixed, or as many as CIF fired): its `top_k` nearest CLIP
         subwords with cosine scores."""
         if not self.config.uses_cascaded:
-            raise ValueError("keywords() needs a model with keywords (cascaded, hybrid or a *_plus variant); this one is parallel")
+            raise ValueError("keywords need a model with a keyword branch (cascaded, hybrid or a *_plus variant); this one is parallel")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k={top_k!r}: must be an integer >= 1")
         result = []

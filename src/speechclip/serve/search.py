@@ -15,7 +15,7 @@ import soundfile
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..audio import SAMPLE_RATE, AudioError, decode_audio
+from ..audio import SAMPLE_RATE, AudioError, decode_audio, reason
 from ..images import ImageError
 from .clips import ClipSet
 from .gallery import Gallery
@@ -50,7 +50,7 @@ def read_audio(file: BinaryIO, name: str, max_seconds: float, min_samples: int) 
     try:
         info = soundfile.info(file)
     except (RuntimeError, soundfile.LibsndfileError) as error:
-        raise AudioError(f"{name}: unreadable audio ({error})") from error
+        raise AudioError(f"{name}: unreadable audio ({reason(error)})") from error
     file.seek(0)
     if info.samplerate and info.frames / info.samplerate > max_seconds:
         raise TooLarge(f"{name}: {info.frames / info.samplerate:.1f} s of audio, over the {max_seconds:g} s limit")
