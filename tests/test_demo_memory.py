@@ -100,3 +100,17 @@ def test_free_heap_pages_go_back_to_the_system():
                                      check=True).stdout) for mode in ("default", "released")}
     assert held["default"] > 150 * 1024  # KiB: glibc kept the 200 MiB
     assert held["released"] < 20 * 1024
+
+
+def test_the_full_demo_asks_for_less_memory_from_the_released_encoders(tmp_path, monkeypatch):
+    """From the released encoders nothing trains side by side (2.1 GiB peak): a 4 GiB laptop may run it; pre-training
+    (--pretrain, another seed) asks for the side-by-side peak's room."""
+    from speechclip.demo import memory, run
+
+    asked = []
+    monkeypatch.setattr(run, "check_resources", lambda out, need, disk: asked.append(need) or "stop here")
+    for options in ({}, {"pretrain": True}, {"seed": 1}):
+        with pytest.raises(SystemExit):
+            run.run_demo(tmp_path / "demo", **options)
+    assert asked == [run.RELEASED_BUILD_MEMORY, run.FULL_BUILD_MEMORY, run.FULL_BUILD_MEMORY]
+    assert memory.size(run.RELEASED_BUILD_MEMORY) == "3.0 GiB"
