@@ -56,6 +56,7 @@ def test_plan_picks_the_kind_by_size_and_estimates_memory():
     assert plan.memory["codes"] == 10_000_000 * (64 + 8)  # 64-byte codes + FAISS's int64 ids
     assert plan.memory["centroids"] == (2048 + 256) * 512 * 4 and plan.memory["ids"] == 10_000_000 * (10 + 57)
     assert "ivfpq index of 10,000,000 x 512" in plan.describe() and "codes 687 MB" in plan.describe()
+    assert plan_index(1000, 512).describe().startswith("flat index of 1,000 x 512: about ")  # no bare "{}"
     assert plan_index(10_000_000, 512).memory["codes"] < plan_index(10_000_000, 512, "flat").memory["vectors"] / 25
     with pytest.raises(ValueError, match="m: 7 sub-quantizers must divide the dimension 32"):
         plan_index(1000, 32, "ivfpq", m=7)

@@ -70,7 +70,8 @@ class IndexPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {_megabytes(size)}" for name, size in self.memory.items())
-        return (f"{self.kind} index of {self.count:,} x {self.dim} {self.params}: about "
+        params = f" {self.params}" if self.params else ""  # flat and hnsw-by-default have none: no bare "{}"
+        return (f"{self.kind} index of {self.count:,} x {self.dim}{params}: about "
                 f"{_megabytes(sum(self.memory.values()))} in memory ({parts})")
 
 
