@@ -190,6 +190,8 @@ def test_bad_queries_are_422_naming_the_field_or_file(client):
     garbage = client.post("/search", files={"audio": ("notes.txt", b"hello, not audio", "text/plain")}).json()["detail"]
     assert garbage == "notes.txt: unreadable audio (Format not recognised.)"  # not the temporary file object's repr
     assert client.post("/embed/text", json={"texts": []}).status_code == 422
+    assert client.post("/embed/text", json={"texts": ["ok", " "]}).json()["detail"] == "texts[1]: empty"
+    assert client.post("/search", data={"image_id": "nope.png"}).json()["detail"] == "no image 'nope.png'"  # no server path
     assert "texts[1]: 1001 characters" in client.post("/embed/text", json={"texts": ["ok", "y" * 1001]}).json()["detail"]
     assert "top_k: must be between 1 and 50" in client.post("/keywords", files=_audio(), data={"top_k": "0"}).json()["detail"]
     assert client.post("/search", data={"image_id": "nope.png"}).status_code == 404

@@ -117,6 +117,9 @@ def create_app(engine: SearchEngine, pool: InferencePool | None = None) -> FastA
         if not 1 <= len(body.texts) <= limits.max_texts:
             raise HTTPException(422, f"texts: send 1 to {limits.max_texts} texts, got {len(body.texts)}")
         texts = [bounds.check_text(t, f"texts[{i}]") for i, t in enumerate(body.texts)]
+        blank = next((i for i, t in enumerate(texts) if not t.strip()), None)
+        if blank is not None:  # CLIP would embed its start and end tokens alone: a vector for no text
+            raise HTTPException(422, f"texts[{blank}]: empty")
         return {"embeddings": await pool.run(engine.embed_text, texts)}
 
     @app.get("/images/{image_id:path}")

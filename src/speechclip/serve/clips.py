@@ -41,7 +41,7 @@ class ClipSet:
 
     def path(self, clip_id: str) -> Path:
         if clip_id not in self.paths:
-            raise UnknownItem(f"no clip {clip_id!r} in {self.source}")
+            raise UnknownItem(f"no clip {clip_id!r}")  # the server's own paths are not the client's business
         return self.paths[clip_id]
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[str, float]]:

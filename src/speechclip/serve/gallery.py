@@ -56,7 +56,7 @@ class Gallery:
 
     def path(self, image_id: str) -> Path:
         if image_id not in self.paths:
-            raise UnknownItem(f"no image {image_id!r} in {self.folder}")
+            raise UnknownItem(f"no image {image_id!r}")  # the server's own folder is not the client's business
         return self.paths[image_id]
 
     def vector(self, image_id: str) -> np.ndarray:
