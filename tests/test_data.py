@@ -88,7 +88,7 @@ def test_spokencoco_reads_published_layout(coco_root):
     train = read_spokencoco(coco_root, "train")
     assert len(train) == 4 and train[0].text == "caption 0 of 9" and train[0].audio.is_file()
     assert train[0].image_id == "COCO_train2014_000000000009" and train[0].image.is_file()
-    assert len(read_spokencoco(coco_root, "test")) == 6
+    assert len(read_spokencoco(coco_root, "val")) == 6  # test needs Karpathy's split: see test_spokencoco_test_split_needs_karpathy
 
 
 def test_spokencoco_karpathy_split(coco_root):
@@ -167,3 +167,108 @@ def test_the_data_check_names_a_wav_cut_short(tmp_path):
     assert [i.audio.name for i in report.good] == ["whole.wav"]
     assert report.bad == [(str(tmp_path / "cut.wav"), f"cut short: its header promises {2 * 16000:,} bytes of samples, "
                                                       f"the file holds {20000 - 44:,} (an interrupted copy?)")]
+
+
+# --- the readers refuse what they would otherwise read wrongly (a new user's probe) -------------------
+
+KARPATHY_COCO = [{"filename": f"COCO_val2014_{cid:012d}.jpg", "split": s} for cid, s in ((42, "test"), (73, "val"))]
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"imgs": []}), r"dataset_coco.json: no 'images' list"),
+    (json.dumps({"images": [{"filename": "COCO_val2014_000000000042.jpg"}]}), r"dataset_coco.json: images\[0\] has no 'split'"),
+    (json.dumps({"images": [{"split": "test"}]}), r"dataset_coco.json: images\[0\] has no 'filename'"),
+    (json.dumps({"images": [{"filename": "a.jpg", "split": "Test"}]}), r"images\[0\]: split 'Test' is not one of"),
+    ("", r"dataset_coco.json: not valid JSON \(Expecting value: line 1 column 1"),
+])
+def test_a_broken_karpathy_file_is_one_line_naming_file_and_field(coco_root, content, message):
+    (coco_root / "dataset_coco.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_spokencoco(coco_root, "val")
+
+
+def test_flickr8k_karpathy_entry_without_split_is_named(flickr_root):
+    (flickr_root / "dataset_flickr8k.json").write_text(json.dumps({"images": [{"filename": f"{IMAGES[0]}.jpg"}]}))
+    with pytest.raises(DataError, match=r"dataset_flickr8k.json: images\[0\] has no 'split'"):
+        read_flickr8k(flickr_root, "test")
+
+
+def test_a_karpathy_path_that_does_not_exist_is_refused_not_ignored(coco_root, tmp_path):
+    """A typo in data.options.karpathy silently fell back to SpokenCOCO's own split."""
+    with pytest.raises(DataError, match=r"nonexistent.json: no such file \(karpathy"):
+        read_spokencoco(coco_root, "train", karpathy=tmp_path / "nonexistent.json")
+
+
+def test_spokencoco_test_split_needs_karpathy(coco_root):
+    """Without Karpathy's file, val and test were both SpokenCOCO_val.json: best/ was picked on the test set."""
+    assert len(read_spokencoco(coco_root, "train")) == 4 and len(read_spokencoco(coco_root, "val")) == 6
+    with pytest.raises(DataError, match=r"SpokenCOCO's test split is Karpathy's .* dataset_coco.json"):
+        read_spokencoco(coco_root, "test")
+    (coco_root / "k.json").write_text(json.dumps({"images": KARPATHY_COCO}))
+    assert {i.image_id[-2:] for i in read_spokencoco(coco_root, "test", karpathy=coco_root / "k.json")} == {"42"}
+
+
+def test_spokencoco_image_listed_twice_is_refused(coco_root):
+    path = coco_root / "SpokenCOCO_val.json"
+    data = json.loads(path.read_text())
+    data["data"].append(data["data"][0])
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"SpokenCOCO_val.json: data\[3\] lists val2014/COCO_val2014_000000000042.jpg "
+                                        r"again \(first at data\[0\]\)"):
+        read_spokencoco(coco_root, "val")
+
+
+def test_flickr8k_token_file_with_spaces_for_tabs_is_refused(flickr_root):
+    path = flickr_root / "Flickr8k_text" / "Flickr8k.token.txt"
+    path.write_text(path.read_text().replace("\t", " "))
+    with pytest.raises(DataError, match=r"Flickr8k.token.txt:1: expected '<image>.jpg#<n><TAB><caption>'"):
+        read_flickr8k(flickr_root, "test")
+
+
+def test_flickr8k_malformed_caption_index_is_refused(flickr_root):
+    path = flickr_root / "flickr_audio" / "wav2capt.txt"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace("#2", "#x")
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"wav2capt.txt:3: expected '<wav> <image>.jpg #<n>'"):
+        read_flickr8k(flickr_root, "test")
+
+
+def test_flickr8k_duplicate_wav2capt_line_is_refused_naming_both(flickr_root):
+    path = flickr_root / "flickr_audio" / "wav2capt.txt"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[11]]) + "\n")
+    with pytest.raises(DataError, match=rf"wav2capt.txt:16: {IMAGES[2]}_1.wav is listed again \(first at line 12\)"):
+        read_flickr8k(flickr_root, "test")
+
+
+def test_flickr8k_image_in_two_splits_is_refused(flickr_root):
+    """A train image in the test list is a leak: its recall would be measured on an image seen in training."""
+    test = flickr_root / "Flickr8k_text" / "Flickr_8k.testImages.txt"
+    test.write_text(test.read_text() + f"{IMAGES[0]}.jpg\n")
+    with pytest.raises(DataError, match=rf"testImages.txt:2: {IMAGES[0]}.jpg is also listed in .*trainImages.txt:1"):
+        read_flickr8k(flickr_root, "val")
+    images = [{"filename": f"{IMAGES[0]}.jpg", "split": "train"}, {"filename": f"{IMAGES[0]}.jpg", "split": "test"}]
+    (flickr_root / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(DataError, match=rf"images\[0\] and images\[1\] both list {IMAGES[0]}.jpg \(splits 'train' and 'test'\)"):
+        read_flickr8k(flickr_root, "train")
+
+
+def test_an_empty_manifest_split_is_refused_like_flickr8k(tmp_path):
+    (tmp_path / "test.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"test.jsonl: no spoken captions found for split 'test'"):
+        read_dataset("manifest", str(tmp_path), "test")
+
+
+def test_check_items_reads_the_image_header(tmp_path):
+    """A .jpg that is no image passed the check (it exists) and stopped training later."""
+    _wav(tmp_path / "a.wav")
+    _image(tmp_path / "good.jpg")
+    (tmp_path / "text.jpg").write_text("not an image")
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"audio": "a.wav", "image": f}) for f in ("good.jpg", "text.jpg")))
+    items = read_manifest(tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match=r"text.jpg: unreadable image \(cannot identify image file"):
+        check_items(items)
+    report = check_items(items, on_error="skip")
+    assert [i.image.name for i in report.good] == ["good.jpg"]
+    assert report.bad[0][0] == str(tmp_path / "text.jpg") and report.bad[0][1].startswith("unreadable image (")

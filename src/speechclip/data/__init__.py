@@ -24,5 +24,13 @@ def read_dataset(kind: str, root: str, split: str, **options) -> list[SpokenCapt
             if not matches:
                 raise DataError(f"{path}: no {split}.jsonl or {split}.csv")
             path = matches[0]
-        return read_manifest(path)
+        return _nonempty(read_manifest(path), path, split)
     raise DataError(f"dataset kind: expected flickr8k, spokencoco or manifest, got {kind!r}")
+
+
+def _nonempty(items: list[SpokenCaption], path, split: str) -> list[SpokenCaption]:
+    """An empty split is refused as Flickr8k and SpokenCOCO refuse it: read as 0 items, an evaluation
+    reported "0 spoken captions" and exited 0."""
+    if not items:
+        raise DataError(f"{path}: no spoken captions found for split {split!r}")
+    return items

@@ -7,18 +7,23 @@
     ROOT/Flickr8k_text/Flickr8k.token.txt         "<image>.jpg#<n>\\t<caption>"
     ROOT/Flickr8k_text/Flickr_8k.{train,dev,test}Images.txt   the 6,000 / 1,000 / 1,000 image split
     (optional) ROOT/dataset_flickr8k.json         Karpathy's split; used instead when present
+
+A malformed line, a clip listed twice or an image in two splits is refused naming file:line: each would
+otherwise change the numbers silently (clips without text, a clip counted twice, a test image trained on).
 """
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
+from typing import Iterator
 
-from .items import DataError, SpokenCaption
+from .items import KARPATHY_SPLITS, DataError, SpokenCaption, read_karpathy
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
 IMAGE_DIRS = ("Flickr8k_Dataset/Flicker8k_Dataset", "Flicker8k_Dataset", "Flickr8k_Dataset", "Images")
 TEXT_DIRS = ("Flickr8k_text", ".")
+WAV2CAPT_LINE = re.compile(r"(\S+)\s+(\S+?)\s*#(\d+)")  # "<wav> <image>.jpg #<n>" (or "<image>.jpg#<n>")
 
 
 def read_flickr8k(root: str | Path, split: str) -> list[SpokenCaption]:
@@ -26,7 +31,7 @@ def read_flickr8k(root: str | Path, split: str) -> list[SpokenCaption]:
     root = Path(root)
     if split not in SPLIT_FILES:
         raise DataError(f"split: expected one of {sorted(SPLIT_FILES)}, got {split!r}")
-    images = set(_split_images(root, split))
+    images = _split_images(root, split)
     transcripts = _transcripts(_find(root, TEXT_DIRS, "Flickr8k.token.txt"))
     speakers = _pairs(root / "flickr_audio" / "wav2spk.txt", required=False)
     image_dir = _find_dir(root, IMAGE_DIRS)
@@ -42,33 +47,68 @@ def read_flickr8k(root: str | Path, split: str) -> list[SpokenCaption]:
     return items
 
 
-def _split_images(root: Path, split: str) -> list[str]:
+def _split_images(root: Path, split: str) -> set[str]:
     karpathy = root / "dataset_flickr8k.json"
     if karpathy.is_file():
-        names = {"val": "val", "test": "test", "train": "train"}
-        data = json.loads(karpathy.read_text())
-        return [im["filename"] for im in data["images"] if im["split"] == names[split]]
-    return [line.strip() for line in _find(root, TEXT_DIRS, SPLIT_FILES[split]).read_text().splitlines() if line.strip()]
+        return {name for name, part in read_karpathy(karpathy).items() if part in KARPATHY_SPLITS[split]}
+    lists = _split_lists(root)
+    if split not in lists:
+        _find(root, TEXT_DIRS, SPLIT_FILES[split])  # raises, naming the file and where it was looked for
+    return lists[split]
 
 
-def _wav_captions(path: Path):
+def _split_lists(root: Path) -> dict[str, set[str]]:
+    """The images of every split list present. All of them are read (8,000 lines), so an image listed in
+    two (a leak: a test image seen in training) or twice in one is refused naming both lines."""
+    lists: dict[str, set[str]] = {}
+    where: dict[str, str] = {}
+    for split, name in SPLIT_FILES.items():
+        path = next((root / f / name for f in TEXT_DIRS if (root / f / name).is_file()), None)
+        if path is None:
+            continue
+        lists[split] = set()
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            image = line.strip()
+            if not image:
+                continue
+            if image in where:
+                raise DataError(f"{path}:{line_no}: {image} is also listed in {where[image]}")
+            where[image] = f"{path}:{line_no}"
+            lists[split].add(image)
+    return lists
+
+
+def _wav_captions(path: Path) -> Iterator[tuple[str, str, str]]:
+    """(wav, image, caption index) per line. A clip listed twice is refused naming both lines rather than
+    de-duplicated: the published file lists each of its 40,000 wavs once, so a repeat means an edited or
+    concatenated file, and when the two lines differ no reader can tell which one is right."""
     if not path.is_file():
         raise DataError(f"{path}: missing (Flickr8k Audio's wav -> caption list)")
+    first: dict[str, int] = {}
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        parts = line.split()
-        if not parts:
+        if not line.strip():
             continue
-        if len(parts) < 2:
+        match = WAV2CAPT_LINE.fullmatch(line.strip())
+        if match is None:
             raise DataError(f"{path}:{line_no}: expected '<wav> <image>.jpg #<n>', got {line!r}")
-        image, _, index = parts[1].partition("#")
-        yield parts[0], image, (parts[2].lstrip("#") if len(parts) > 2 else index)
+        wav, image, index = match.groups()
+        if wav in first:
+            raise DataError(f"{path}:{line_no}: {wav} is listed again (first at line {first[wav]})")
+        first[wav] = line_no
+        yield wav, image, index
 
 
 def _transcripts(path: Path) -> dict[str, str]:
+    """'<image>.jpg#<n>' -> caption. A line without a tab is refused naming it: split on spaces, the key
+    would swallow the caption and every clip would silently lose its transcript."""
     out = {}
-    for line in path.read_text().splitlines():
-        key, _, text = line.partition("\t")
-        if text:
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        key, tab, text = line.partition("\t")
+        if not tab or not key.strip():
+            raise DataError(f"{path}:{line_no}: expected '<image>.jpg#<n><TAB><caption>', got {line[:80]!r}")
+        if text.strip():
             out[key.strip()] = text.strip()
     return out
 

@@ -1,14 +1,21 @@
-"""The one record every dataset reader produces, and the checks that keep a long pass from dying late."""
+"""The one record every dataset reader produces, the checks that keep a long pass from dying late, and
+Karpathy's split file, which the Flickr8k and SpokenCOCO readers share."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import soundfile
+from PIL import Image, UnidentifiedImageError
 
+from .. import images as image_limits
 from ..audio import cut_short
+
+# Karpathy's split names -> ours: restval (the 30k COCO val images outside his 5k val / 5k test) trains.
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
 class DataError(ValueError):
@@ -40,7 +47,7 @@ class CheckReport:
 
 
 def check_items(items: Iterable[SpokenCaption], on_error: str = "raise") -> CheckReport:
-    """Check that every audio file opens with samples in it and every image exists, before training.
+    """Check that every audio file opens with samples in it and every image opens, before training.
 
     on_error: "raise" stops at the first bad item with its file in the message; "skip" drops and counts.
     Reads headers only, so 600k SpokenCOCO files take a minute, not an hour.
@@ -62,6 +69,9 @@ def check_items(items: Iterable[SpokenCaption], on_error: str = "raise") -> Chec
 def _problem(item: SpokenCaption) -> tuple[str, str] | None:
     if not item.image.is_file():
         return str(item.image), "missing image"
+    image_problem = _image_problem(item.image)
+    if image_problem:
+        return str(item.image), image_problem
     if not item.audio.is_file():
         return str(item.audio), "missing audio"
     try:
@@ -72,6 +82,72 @@ def _problem(item: SpokenCaption) -> tuple[str, str] | None:
         return str(item.audio), "empty audio"
     cut = cut_short(info.extra_info)
     return (str(item.audio), cut) if cut else None
+
+
+def _image_problem(path: Path) -> str | None:
+    """Read the image's header only (Pillow opens lazily): a file that is no image, or one over the pixel
+    limit, is found here rather than mid-training, at the cost of one small read per file. A body cut short
+    behind a good header is still only found when the image is decoded (load_image names it then);
+    Image.verify() would not help: for JPEG (Flickr8k, COCO) it checks nothing, for PNG it reads the file."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as error:
+        return f"refused by Pillow as a decompression bomb ({error})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"unreadable image ({error})"
+    limit = image_limits.MAX_PIXELS
+    if width * height > limit:
+        return (f"{width} x {height} = {width * height / 1e6:.0f} megapixels, over the limit of {limit / 1e6:.0f} "
+                "(speechclip.images.MAX_PIXELS)")
+    return None
+
+
+def karpathy_split(path: Path, split: str) -> set[str]:
+    """The image file names of our `split` (train / val / test) in Karpathy's dataset_*.json."""
+    accepted = KARPATHY_SPLITS[split]
+    return {name for name, part in read_karpathy(path).items() if part in accepted}
+
+
+def read_karpathy(path: Path) -> dict[str, str]:
+    """Karpathy's split file as image file name -> split name. Every entry is checked, not only the split
+    asked for: an image listed twice is refused naming both entries (in two splits it is a train/test
+    leak; in one its captions would count twice)."""
+    splits: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for index, entry in enumerate(_karpathy_images(path)):
+        name, split = _karpathy_entry(path, index, entry)
+        if name in first:
+            raise DataError(f"{path}: images[{first[name]}] and images[{index}] both list {name} "
+                            f"(splits {splits[name]!r} and {split!r})")
+        first[name], splits[name] = index, split
+    return splits
+
+
+def _karpathy_images(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error}); expected Karpathy's split file") from error
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable ({error})") from error
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataError(f"{path}: no 'images' list (Karpathy's split file is "
+                        '{"images": [{"filename": ..., "split": ...}, ...]})')
+    return images
+
+
+def _karpathy_entry(path: Path, index: int, entry: object) -> tuple[str, str]:
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: images[{index}] is not an object")
+    for key in ("filename", "split"):
+        if not isinstance(entry.get(key), str):
+            raise DataError(f"{path}: images[{index}] has no '{key}'")
+    known = sorted({name for names in KARPATHY_SPLITS.values() for name in names})
+    if entry["split"] not in known:
+        raise DataError(f"{path}: images[{index}]: split {entry['split']!r} is not one of {', '.join(known)}")
+    return entry["filename"], entry["split"]
 
 
 @dataclass
