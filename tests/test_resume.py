@@ -218,3 +218,33 @@ def test_loader_state_continues_the_same_batches_with_workers(workers):
     resumed.load_state_dict(state)
     rest = list(resumed) + list(resumed)  # the rest of epoch 0, then epoch 1
     assert seen + rest == whole[: 7 + len(rest)] and len(seen + rest) == len(whole)
+
+
+class CtrlCAt(Callback):
+    """Sends this process SIGINT (a Ctrl-C) just before optimiser step `step` + 1."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_ctrl_c_in_training_names_the_step_and_resume_finishes_the_run(encoders, tiny_corpus, tmp_path):
+    """Lightning catches Ctrl-C and exits 1 silently, leaving SIGINT ignored: fit raises a KeyboardInterrupt naming
+    the step and how to go on (the CLI: exit 130), restores the handler, and --resume ends as the straight run."""
+    from speechclip.train.run import TrainingInterrupted
+
+    values = resume_config(encoders, tiny_corpus, str(tmp_path / "cache"), max_steps=6, val_every_steps=4,
+                           checkpoint_every_steps=3)
+    straight = fit(run_config_from_dict(values), tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt) as error:
+        fit(run_config_from_dict(values), tmp_path / "split", progress=False, callbacks=[CtrlCAt(4)])
+    assert isinstance(error.value, TrainingInterrupted)
+    assert str(error.value) == (f"interrupted at step 4; run the same command with --resume to go on "
+                                f"(from {tmp_path / 'split' / 'checkpoints' / 'last.ckpt'})")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = fit(run_config_from_dict(values), tmp_path / "split", resume=True, progress=False)
+    assert resumed["start_step"] == 3 and resumed["global_step"] == straight["global_step"] == 6
+    _same_weights(tmp_path / "straight" / "final", tmp_path / "split" / "final")

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from speechclip.config import ConfigError
-from speechclip.train.config import (TrainConfig, _FLOAT_RANGES, _INT_RANGES, check_global_batch, check_run_config,
-                                     load_run_config, run_config_from_dict)
+from speechclip.config import ConfigError, SpeechCLIPConfig
+from speechclip.train.config import (TrainConfig, _FLOAT_RANGES, _INT_RANGES, check_global_batch, check_heads,
+                                     check_run_config, config_warnings, load_run_config, run_config_from_dict)
 
 BAD = [
     ("train.batch_size", -4, "train.batch_size=-4: must be >= 2 (a contrastive batch needs negatives)"),
@@ -28,6 +28,8 @@ BAD = [
     ("train.max_audio_samples", 0, "train.max_audio_samples=0: must be >= 1"),
     ("train.length_bucket", 0, "train.length_bucket=0: must be >= 1"),
     ("train.eval_batch_size", 0, "train.eval_batch_size=0: must be >= 1"),
+    ("train.max_steps", 10, "train.warmup_steps=5000: must be <= train.max_steps=10 (the learning rate would still be "
+                            "warming up when the run ends)"),
     ("train.lr", 0.0, "train.lr=0.0: must be > 0"),
     ("train.lr", float("nan"), "train.lr=nan: must be a finite number"),
     ("train.lr", "fast", "train.lr: expected float, got 'fast'"),
@@ -90,3 +92,26 @@ def test_valid_edges_are_accepted():
                    {"devices": -1, "precision": "bf16-mixed", "accelerator": "cpu", "seed": 0},
                    {"devices": "-1", "precision": 32}):
         check_run_config(run_config_from_dict({"data": {"root": "/data"}, "train": values}))
+
+
+@pytest.mark.parametrize("override", ["model.parallel=3", "model.cascaded=[1, 2]", "model.cif=null"])
+def test_a_model_section_given_a_value_is_refused_naming_it(override):
+    name, _, value = override.partition("=")
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, ["data.root=/data", override])
+    assert str(error.value).startswith(f"{name}=") and "a section, not a value" in str(error.value)
+
+
+def test_head_counts_must_divide_the_upstream_width():
+    with pytest.raises(ConfigError, match=r"^model.parallel.num_heads=3: must divide the upstream's width 128 "):
+        check_heads(SpeechCLIPConfig(parallel={"num_heads": 3}), 128)
+    with pytest.raises(ConfigError, match=r"^model.cascaded.num_heads=5: must divide the upstream's width 768 "):
+        check_heads(SpeechCLIPConfig(variant="hybrid", cascaded={"num_heads": 5}), 768)
+    check_heads(SpeechCLIPConfig(variant="hybrid", cascaded={"num_heads": 8}), 768)  # hybrid: parallel's heads unused
+
+
+def test_a_validation_interval_beyond_the_run_is_said_before_training():
+    train = TrainConfig(max_steps=500, warmup_steps=10, val_every_steps=1000)
+    assert config_warnings(train) == ["train.val_every_steps=1000 > train.max_steps=500: no validation will run, so the "
+                                      "run writes no best/ folder; set train.val_every_steps <= train.max_steps for one"]
+    assert config_warnings(TrainConfig()) == []

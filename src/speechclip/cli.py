@@ -31,12 +31,14 @@ def cmd_train(args) -> None:
 
 
 def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
+    from .config import ConfigError
     from .train.config import check_data_config, load_run_config
 
     if config is None:
         candidate = checkpoint.parent / "run.yaml"
         if not candidate.is_file():
-            raise SystemExit(f"{checkpoint}: no --config given and no run.yaml beside it")
+            raise ConfigError(f"{checkpoint}: not inside a run folder (no run.yaml beside it); give --config with the "
+                              "run's YAML (its data section names the dataset)")
         config = str(candidate)
     run_config = load_run_config(config, overrides)
     check_data_config(run_config.data)  # the data section, as `train` checks it
@@ -46,14 +48,19 @@ def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
 def cmd_eval(args) -> None:
     from .evaluate import format_table
     from .train.config import check_train_config
-    from .train.run import evaluate_checkpoint
+    from .train.run import evaluate_checkpoint, model_folder
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = model_folder(args.checkpoint)  # a run folder means its final/
     config = _run_config_for(checkpoint, args.config, args.set)
     check_train_config(config.train)  # eval_batch_size, cache settings: eval runs through the training layer
     out = args.out or checkpoint / f"eval_{args.split}.json"
-    result = evaluate_checkpoint(checkpoint, config, args.split, out)
+    result = evaluate_checkpoint(checkpoint, config, args.split, out)  # checks `out` before any work
     print(format_table(result))
+    skipped = result["skipped"]
+    if skipped["count"]:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped["reasons"].items())
+        print(f"skipped {skipped['count']} clip(s) of the {args.split} split (data.on_error=skip; {reasons}); "
+              f"listed under 'skipped' in {out}")
     print(f"written: {out}")
 
 
@@ -209,10 +216,11 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="retrieval and keyword tables for a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a SpeechCLIP folder (config.json + model.safetensors), a file in it, or a run folder (its final/)")
     evaluate.add_argument("--config", help="run YAML with the data section (default: run.yaml beside the checkpoint)")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--out")
+    evaluate.add_argument("--out", help="the JSON file to write (default: eval_SPLIT.json in the checkpoint folder)")
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     evaluate.set_defaults(func=cmd_eval)
 

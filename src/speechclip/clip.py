@@ -11,15 +11,20 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 from transformers.masking_utils import create_causal_mask
 
+from .upstream import EncoderError, encoder_config, load_encoder
+
 
 class FrozenCLIP(nn.Module):
     """CLIP with its tokenizer and image processor, loaded by hub id or local folder; never trained."""
 
     def __init__(self, name_or_path: str):
         super().__init__()
-        self.model = CLIPModel.from_pretrained(name_or_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.image_processor = CLIPImageProcessorPil.from_pretrained(name_or_path)  # Pillow, no torchvision
+        config = encoder_config(name_or_path, "model.clip")
+        if config.model_type != "clip":
+            raise EncoderError(f"model.clip={name_or_path}: a {config.model_type} model, not a CLIP model")
+        self.model = load_encoder(CLIPModel.from_pretrained, name_or_path, "model.clip")
+        self.tokenizer = load_encoder(AutoTokenizer.from_pretrained, name_or_path, "model.clip")
+        self.image_processor = load_encoder(CLIPImageProcessorPil.from_pretrained, name_or_path, "model.clip")  # Pillow
         self.name_or_path = name_or_path
         self.model.requires_grad_(False)
         self.model.eval()

@@ -6,12 +6,51 @@ The upstream returns all L+1 hidden states with a frame padding mask (as s3prl's
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+SPEECH_MODELS = "HuBERT, WavLM, wav2vec 2.0, data2vec-audio"
+
+
+class EncoderError(ValueError):
+    """A frozen encoder cannot be loaded from what the config names; the message names the field and why."""
+
+
+def encoder_config(name: str, field: str) -> Any:
+    """The encoder's Hugging Face config, read before its weights so that a missing folder, a folder without a
+    model and a hub id that cannot be fetched each get one line naming `field` (transformers' own errors
+    are a hub-id syntax complaint, a network traceback or a TypeError)."""
+    folder = Path(name).expanduser().is_dir()
+    if not folder and (not _HUB_ID.fullmatch(name) or name.startswith(".")):
+        raise EncoderError(f"{field}={name}: no such folder")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        if folder:
+            raise EncoderError(f"{field}={name}: not a Hugging Face model folder ({_first_line(error)})") from None
+        raise EncoderError(f"{field}={name!r}: no such folder, and the hub id cannot be fetched (offline, or no such "
+                           "model on the Hub); give a model folder or a reachable hub id") from None
+
+
+def load_encoder(load: Callable[[str], Any], name: str, field: str) -> Any:
+    """`load(name)` (a `from_pretrained`) with a file it cannot read (weights, tokenizer) named in one line."""
+    try:
+        return load(name)
+    except (OSError, ValueError, TypeError) as error:
+        raise EncoderError(f"{field}={name}: cannot load it ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 class SpeechUpstream(nn.Module):
@@ -26,7 +65,11 @@ class SpeechUpstream(nn.Module):
 
     def __init__(self, name_or_path: str, normalize_waveform: bool | None = None, final_norm: bool = False):
         super().__init__()
-        self.model = AutoModel.from_pretrained(name_or_path)
+        config = encoder_config(name_or_path, "model.upstream")
+        if getattr(config, "conv_kernel", None) is None:  # the conv feature encoder every supported model has
+            raise EncoderError(f"model.upstream={name_or_path}: a {config.model_type} model, not a speech model "
+                               f"({SPEECH_MODELS})")
+        self.model = load_encoder(AutoModel.from_pretrained, name_or_path, "model.upstream")
         self.name_or_path = name_or_path
         self.model.requires_grad_(False)
         self.model.eval()

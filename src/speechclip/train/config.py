@@ -146,6 +146,7 @@ def check_train_config(train: TrainConfig) -> None:
             _check_int(f"train.{name}", value, low, high, note)
     for name, (low, bound) in _FLOAT_RANGES.items():
         _check_float(f"train.{name}", getattr(train, name), low, bound)
+    _check_step_counts(train)
     if train.final_lr > train.lr:
         raise ConfigError(f"train.final_lr={train.final_lr}: must be <= train.lr={train.lr} (the schedule decays to it)")
     for name, allowed in _CHOICES.items():
@@ -162,6 +163,32 @@ def check_train_config(train: TrainConfig) -> None:
             raise ConfigError(f"train.{name}={getattr(train, name)!r}: must be true or false")
     if not isinstance(train.cache_dir, str) or not train.cache_dir:
         raise ConfigError(f"train.cache_dir={train.cache_dir!r}: must be a folder path")
+
+
+def _check_step_counts(train: TrainConfig) -> None:
+    """A warm-up longer than the run never reaches `lr` nor decays: almost surely a typo for another length."""
+    if train.warmup_steps > train.max_steps:
+        raise ConfigError(f"train.warmup_steps={train.warmup_steps}: must be <= train.max_steps={train.max_steps} "
+                          "(the learning rate would still be warming up when the run ends)")
+
+
+def config_warnings(train: TrainConfig) -> list[str]:
+    """Settings that run but probably not as meant, one line each (printed before training)."""
+    if train.val_every_steps > train.max_steps:
+        return [f"train.val_every_steps={train.val_every_steps} > train.max_steps={train.max_steps}: no validation "
+                "will run, so the run writes no best/ folder; set train.val_every_steps <= train.max_steps for one"]
+    return []
+
+
+def check_heads(model: SpeechCLIPConfig, width: int) -> None:
+    """Multi-head attention splits the upstream's width into equal heads: each head count the variant uses must
+    divide it (torch would otherwise assert deep inside the model, naming no field)."""
+    used = [("model.parallel.num_heads", model.parallel.num_heads)] if model.variant == "parallel" else []
+    if model.uses_cascaded:  # the keyword layer; the hybrids' shared layers too
+        used.append(("model.cascaded.num_heads", model.cascaded.num_heads))
+    for name, heads in used:
+        if width % heads:
+            raise ConfigError(f"{name}={heads}: must divide the upstream's width {width} (each head takes width / num_heads)")
 
 
 def check_data_config(data: DataConfig) -> None:
@@ -210,11 +237,22 @@ def run_config_from_dict(values: dict) -> RunConfig:
     unknown = set(values) - {"model", "data", "train"}
     if unknown:
         raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train")
+    _check_model_sections(values.get("model"))
     return RunConfig(
         model=SpeechCLIPConfig.from_dict(values.get("model") or {}),
         data=_build(DataConfig, values.get("data") or {}, "data"),
         train=_build(TrainConfig, values.get("train") or {}, "train"),
     )
+
+
+def _check_model_sections(model: Any) -> None:
+    """`model.parallel: 3` (or `--set model.parallel=3`) gives a section a value: name it, not an AttributeError."""
+    if not isinstance(model, dict):
+        return  # `model: 3` is refused by name when the config is built
+    for name in ("parallel", "cascaded", "cif"):
+        if name in model and not isinstance(model[name], dict):
+            raise ConfigError(f"model.{name}={model[name]!r}: a section, not a value; set its fields as "
+                              f"model.{name}.FIELD=VALUE")
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,16 +25,21 @@ from lightning.pytorch.callbacks import Callback
 
 from ..clip import FrozenCLIP
 from ..config import ConfigError
-from ..data import read_dataset
+from ..data import DataError, check_items, read_dataset
 from ..evaluate import evaluate
 from ..image_cache import ImageEmbeddingCache
 from ..model import SpeechCLIP
 from ..upstream import SpeechUpstream
-from .config import RunConfig, check_global_batch, check_run_config, run_config_from_dict
+from .config import RunConfig, check_global_batch, check_heads, check_run_config, config_warnings, run_config_from_dict
 from .datamodule import SpeechImageDataModule
 from .resume import RNGState, RunCheckpoint, RunCSVLogger, metrics_history
-from .run_folder import RunPlan, open_run, plan_run, replace_folder, write_text_atomic
+from .run_folder import RunFolderError, RunPlan, open_run, plan_run, replace_folder, write_text_atomic
 from .system import SpeechCLIPSystem
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `fit` (Lightning catches it and exits 1 with nothing said): the message gives the step
+    and how to go on; checkpoints/last.ckpt holds the progress a resume continues from."""
 
 
 def keyword_vocab(model_clip, captions: list[str], size: int | None) -> list[int]:
@@ -77,7 +84,9 @@ def _primary_process() -> bool:
 def _plan(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> RunPlan:
     if _primary_process():
         plan = plan_run(run_dir, config, resume, overwrite)
-        for line in ([plan.note] if plan.note else []) + [f"allowed change: {change}" for change in plan.changes]:
+        lines = [plan.note] if plan.note else []
+        lines += [f"allowed change: {change}" for change in plan.changes] + config_warnings(config.train)
+        for line in lines:
             print(f"speechclip: {line}", flush=True)
         return plan
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -87,17 +96,43 @@ def _plan(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> Ru
 def _load(config: RunConfig, progress: bool) -> tuple[SpeechCLIP, SpeechImageDataModule]:
     """Encoders, data checks, keyword vocabulary and the model: everything that may fail on bad input."""
     upstream = SpeechUpstream(config.model.upstream, config.model.normalize_waveform)
+    check_heads(config.model, upstream.hidden_size)
     crop = config.train.max_audio_samples
     if crop is not None and crop < upstream.min_samples:
         raise ConfigError(f"train.max_audio_samples={crop}: must be >= {upstream.min_samples} (the upstream's shortest clip)")
     clip = FrozenCLIP(config.model.clip)
     datamodule = SpeechImageDataModule(config.data, config.train, clip, upstream, progress)
+    _check_batch_fits(config, len(datamodule.read("train")))  # header reads only: before any cache is built
     if config.model.uses_cascaded and config.model.cascaded.keyword_vocab is None:
         captions = [i.text for i in datamodule.read("train") if i.text]
         if captions:  # the vocabulary is part of the model's config: known before the model is built
             config.model.cascaded.keyword_vocab = keyword_vocab(clip, captions, config.train.keyword_vocab_size)
     model = SpeechCLIP(config.model, upstream=upstream, clip=clip)
     return model, datamodule
+
+
+def _check_batch_fits(config: RunConfig, clips: int) -> None:
+    """A global batch larger than the training split cannot be formed: refuse rather than train on smaller ones."""
+    if config.train.batch_size > clips:
+        raise ConfigError(f"train.batch_size={config.train.batch_size}: more than the {clips} usable clips of "
+                          f"data.train_split={config.data.train_split!r}; set train.batch_size <= {clips}")
+
+
+def _fit_or_interrupted(trainer: L.Trainer, system: SpeechCLIPSystem, datamodule: SpeechImageDataModule, plan: RunPlan,
+                        run_dir: Path) -> None:
+    """trainer.fit; Ctrl-C (which Lightning turns into exit 1 and silence, leaving SIGINT ignored) becomes a
+    TrainingInterrupted naming the step, with the SIGINT handler restored."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=plan.checkpoint, weights_only=True)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        raise TrainingInterrupted(f"interrupted at step {trainer.global_step}; run the same command with --resume to go on "
+                                  f"(from {run_dir / 'checkpoints' / 'last.ckpt'})") from None
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
 
 
 def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -119,7 +154,7 @@ def fit(config: RunConfig, run_dir: str | Path, resume: bool = False, progress: 
         open_run(run_dir, plan, config)
     system = SpeechCLIPSystem(model, config.train, export_dir=run_dir)
     system.image_table = datamodule.image_table
-    trainer.fit(system, datamodule=datamodule, ckpt_path=plan.checkpoint, weights_only=True)
+    _fit_or_interrupted(trainer, system, datamodule, plan, run_dir)
     _write_rank_fingerprint(model, run_dir, trainer.global_rank)
     summary = {"global_step": trainer.global_step, "start_step": system.start_step,
                "seconds": round(time.perf_counter() - started, 1),
@@ -163,16 +198,52 @@ def _write_rank_fingerprint(model: SpeechCLIP, run_dir: Path, rank: int) -> None
 
 
 def evaluate_checkpoint(checkpoint: str | Path, config: RunConfig, split: str = "test", out: str | Path | None = None) -> dict:
-    """The paper's tables for `split` of the run's dataset, written to JSON when `out` is given."""
-    model = SpeechCLIP.from_pretrained(checkpoint)
+    """The paper's tables for `split` of the run's dataset, written to JSON when `out` is given. Bad clips stop
+    it naming the file, or with data.on_error=skip are left out and listed under "skipped" (as in training);
+    `out` is checked before any work."""
+    if out is not None:
+        check_eval_out(Path(out))
     data = config.data
-    items = read_dataset(data.kind, data.root, getattr(data, f"{split}_split", split), **data.options)
+    name = getattr(data, f"{split}_split", split)
+    report = check_items(read_dataset(data.kind, data.root, name, **data.options), data.on_error)
+    if not report.good:
+        raise DataError(f"data.{split}_split={name!r}: no usable clips ({len(report.bad)} skipped)")
+    model = SpeechCLIP.from_pretrained(checkpoint)
     cache = ImageEmbeddingCache(config.train.cache_dir, model.clip)
-    result = evaluate(model, items, cache, batch_size=config.train.eval_batch_size)
+    result = evaluate(model, report.good, cache, batch_size=config.train.eval_batch_size)
     result["checkpoint"], result["split"] = str(checkpoint), split
+    result["skipped"] = _skipped_report({split: dict(report.bad)}, {})[split]
     if out is not None:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def check_eval_out(out: Path) -> None:
+    """Where the evaluation's JSON goes must be writable as a file: said before the evaluation, not after it."""
+    if out.is_dir():
+        raise RunFolderError(f"--out {out}: a folder; give a file name, e.g. {out / 'eval_test.json'}")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise RunFolderError(f"--out {out}: {out.parent} {what}")
+
+
+def model_folder(path: str | Path) -> Path:
+    """The SpeechCLIP folder (config.json + model.safetensors) meant by what a user may pass as a checkpoint:
+    the folder, a file in it, or a run folder (its final/). A training checkpoint (.ckpt) is refused with what
+    to give instead: it holds the optimiser and loops for --resume, not a model folder."""
+    path = Path(path)
+    if path.is_file() and path.name in ("model.safetensors", "config.json"):
+        return path.parent
+    if path.suffix == ".ckpt":
+        run = path.parent.parent if path.parent.name == "checkpoints" else None
+        instead = f"the run folder {run} (its final/) or {run / 'best'}" if run else "a SpeechCLIP folder (config.json + model.safetensors)"
+        raise RunFolderError(f"{path}: a training checkpoint (what --resume continues from), not a model; give {instead}")
+    if path.is_dir() and not (path / "config.json").exists() and (path / "run.yaml").is_file():
+        if not (path / "final").is_dir():
+            best = f"give {path / 'best'}, or " if (path / "best").is_dir() else ""
+            raise RunFolderError(f"{path}: the run has not finished (no final/); {best}finish it with speechclip train --resume")
+        return path / "final"
+    return path
 
 
 def load_run(run_dir: str | Path) -> RunConfig:

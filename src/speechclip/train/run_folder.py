@@ -26,6 +26,7 @@ from .config import RunConfig
 # (max_steps moves the end of the learning-rate decay: the schedule follows the new value from there on)
 RESUMABLE = ("train.max_steps", "train.val_every_steps", "train.checkpoint_every_steps", "train.log_every_steps",
              "train.num_workers", "train.eval_batch_size", "train.cache_dir")
+PATHS = ("data.root", "model.upstream", "model.clip", "train.cache_dir")  # compared as the files they name
 RUN_MARKERS = ("run.yaml", "checkpoints", "best", "final", "train_summary.json")
 
 
@@ -102,13 +103,31 @@ def adopt_saved(config: RunConfig, saved: dict) -> list[str]:
             new[key] = value
     changes = []
     for key in sorted(set(old) | set(new)):
-        if old.get(key) == new.get(key):
+        if old.get(key) == new.get(key) or (key in PATHS and _same_path(old.get(key), new.get(key))):
             continue
         if key not in RESUMABLE:
             raise RunFolderError(f"resume: {key} differs from the run ({old.get(key)!r} in run.yaml, {new.get(key)!r} now); "
                                  f"only {', '.join(RESUMABLE)} may change on resume (or --overwrite)")
-        changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+        changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" + _consequence(key, old.get(key), new.get(key)))
     return changes
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    """`corpus/` and `./corpus` (or an absolute spelling) name the same folder: not a change."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _consequence(key: str, old: Any, new: Any) -> str:
+    """What an allowed change does to the run, where it is not obvious: the linear decay is re-timed to the new
+    max_steps from the resumed step on, so the learning rate jumps (up for a longer run) and the result differs
+    from a run trained to that length from the start."""
+    if key != "train.max_steps":
+        return ""
+    how = "stretched" if new > old else "shortened"
+    return (f": the learning-rate schedule is {how} to the new length; the run will differ from a fresh "
+            f"{new}-step run")
 
 
 def _set(config: RunConfig, dotted: str, value: Any) -> None:
