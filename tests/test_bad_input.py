@@ -216,6 +216,15 @@ def test_an_interrupt_is_one_line_not_a_traceback(saved, capsys, monkeypatch):
         main(["keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"])])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 130 and err == "speechclip keywords: interrupted"
+    from speechclip.train.run import TrainingInterrupted
+
+    def stopped_training(args):
+        raise TrainingInterrupted("interrupted at step 4; run the same command with --resume to go on")
+    monkeypatch.setattr(cli, "cmd_train", stopped_training)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config", "run.yaml", "--run-dir", "runs/x"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "speechclip train: interrupted at step 4; run the same command with --resume to go on"
     monkeypatch.setattr(cli, "cmd_serve", interrupted)  # Ctrl-C is how a server is stopped: not an error
     with pytest.raises(SystemExit) as stop:
         main(["serve"])

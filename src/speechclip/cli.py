@@ -296,18 +296,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    quiet_libraries()
     try:
+        quiet_libraries()  # imports the libraries it quiets: seconds in which a Ctrl-C must not be a traceback
         args.func(args)
     except (ValueError, FileNotFoundError) as error:  # our errors name the file or field: show them plainly
         print(f"speechclip: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
-    except KeyboardInterrupt:  # what is written is whole (shards, checkpoints, caches are renamed into place)
+    except KeyboardInterrupt as interrupt:  # what is written is whole (shards, checkpoints, caches are renamed into place)
         if args.command == "serve":  # Ctrl-C is how a server is stopped (uvicorn raises it again once shut down)
             print("speechclip serve: stopped", file=sys.stderr)
             raise SystemExit(0) from None
-        hint = RESUMABLE.get(args.command, "")
-        print(f"speechclip {args.command}: interrupted{hint}", file=sys.stderr)
+        said = str(interrupt)  # training says at which step, and how to go on (train.run.TrainingInterrupted)
+        print(f"speechclip {args.command}: {said}" if said else f"speechclip {args.command}: interrupted{RESUMABLE.get(args.command, '')}",
+              file=sys.stderr)
         raise SystemExit(130) from None
 
 
