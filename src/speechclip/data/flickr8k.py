@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from .items import KARPATHY_SPLITS, DataError, SpokenCaption, read_karpathy
+from .items import DataError, SpokenCaption
+from .karpathy import KARPATHY_SPLITS, read_karpathy
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
 IMAGE_DIRS = ("Flickr8k_Dataset/Flicker8k_Dataset", "Flicker8k_Dataset", "Flickr8k_Dataset", "Images")

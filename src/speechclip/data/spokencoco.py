@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .items import DataError, SpokenCaption, karpathy_split
+from .items import DataError, SpokenCaption
+from .karpathy import karpathy_split
 
 SPLITS = ("train", "val", "test")
 
