@@ -189,6 +189,14 @@ def test_api_edges(saved):
         model.encode_text(["a cat", 3])
 
 
+def test_keywords_names_a_bad_clip_before_loading_the_model(saved, capsys, monkeypatch):
+    from speechclip import model as model_module
+
+    monkeypatch.setattr(model_module.SpeechCLIP, "from_pretrained", lambda *a, **k: pytest.fail("loaded first"))
+    assert _cli(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"]), str(saved["root"] / "gone.wav")) \
+        == f"speechclip: error: {saved['root'] / 'gone.wav'}: no such audio file"
+
+
 def test_search_arguments_are_checked_before_any_work(saved, capsys):
     search = ("search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]))
     assert _cli(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None

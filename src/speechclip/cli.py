@@ -96,8 +96,11 @@ def cmd_embed(args) -> None:
 
 
 def cmd_keywords(args) -> None:
+    from .audio import load_audio
     from .model import SpeechCLIP
 
+    for path in args.audio:  # a bad clip is named in a second, not after the model has loaded
+        load_audio(path)
     model = SpeechCLIP.from_pretrained(args.checkpoint)
     for path, slots in zip(args.audio, model.keywords(args.audio, top_k=args.top_k)):
         print(path)
