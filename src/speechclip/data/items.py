@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import soundfile
-from PIL import Image, UnidentifiedImageError
-
-from .. import images as image_limits
 from ..audio import cut_short
+from ..images import header_problem
 
 
 class DataError(ValueError):
@@ -64,7 +62,7 @@ def check_items(items: Iterable[SpokenCaption], on_error: str = "raise") -> Chec
 def _problem(item: SpokenCaption) -> tuple[str, str] | None:
     if not item.image.is_file():
         return str(item.image), "missing image"
-    image_problem = _image_problem(item.image)
+    image_problem = header_problem(item.image)
     if image_problem:
         return str(item.image), image_problem
     if not item.audio.is_file():
@@ -77,25 +75,6 @@ def _problem(item: SpokenCaption) -> tuple[str, str] | None:
         return str(item.audio), "empty audio"
     cut = cut_short(info.extra_info)
     return (str(item.audio), cut) if cut else None
-
-
-def _image_problem(path: Path) -> str | None:
-    """Read the image's header only (Pillow opens lazily): a file that is no image, or one over the pixel
-    limit, is found here rather than mid-training, at the cost of one small read per file. A body cut short
-    behind a good header is still only found when the image is decoded (load_image names it then);
-    Image.verify() would not help: for JPEG (Flickr8k, COCO) it checks nothing, for PNG it reads the file."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except Image.DecompressionBombError as error:
-        return f"refused by Pillow as a decompression bomb ({error})"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        return f"unreadable image ({error})"
-    limit = image_limits.MAX_PIXELS
-    if width * height > limit:
-        return (f"{width} x {height} = {width * height / 1e6:.0f} megapixels, over the limit of {limit / 1e6:.0f} "
-                "(speechclip.images.MAX_PIXELS)")
-    return None
 
 
 @dataclass
