@@ -102,3 +102,14 @@ def tiny_run_config(encoders: dict[str, str], corpus: str, cache_dir: str, varia
         "data": {"kind": "manifest", "root": corpus},
         "train": values,
     })
+
+
+def cli_error_line(capsys, *args: str) -> str:
+    """Run the CLI in-process; it must exit 2 with one error line and no traceback. Returns that line."""
+    from speechclip.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from speechclip import SpeechCLIP
 from speechclip.cli import main
 from speechclip.index import EmbeddingIndex
-from tests.conftest import tiny_model_config, write_wav
+from tests.conftest import cli_error_line, tiny_model_config, write_wav
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +30,6 @@ def saved(encoders, tmp_path_factory) -> dict:
     Image.new("RGB", (40, 30), "red").save(root / "good.png")
     return {"root": root, "ckpt": root / "ckpt", "index": root / "index", "model": model,
             "wav": write_wav(root / "good.wav", np.random.default_rng(1).standard_normal(8000).astype(np.float32) * 0.1)}
-
-
-def _cli(capsys, *args: str) -> str:
-    """Run the CLI in-process; it must exit 2 with one error line and no traceback. Returns that line."""
-    with pytest.raises(SystemExit) as stop:
-        main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 # ---- audio ---------------------------------------------------------------------------------------------------
@@ -71,8 +62,8 @@ def test_bad_audio_through_the_api(saved, row):
 @pytest.mark.parametrize("row", range(6))
 def test_bad_audio_through_the_cli(saved, capsys, row):
     name, clip, message = _audio_cases(saved["root"])[row]
-    assert __import__("re").search(message, _cli(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(clip)))
-    assert __import__("re").search(message, _cli(capsys, "search", "--index", str(saved["index"]), "--checkpoint",
+    assert __import__("re").search(message, cli_error_line(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(clip)))
+    assert __import__("re").search(message, cli_error_line(capsys, "search", "--index", str(saved["index"]), "--checkpoint",
                                                  str(saved["ckpt"]), "--audio", str(clip)))
 
 
@@ -96,7 +87,7 @@ def test_bad_images_through_the_api_and_the_cli(saved, capsys, row):
     name, image, message = _image_cases(saved["root"])[row]
     with pytest.raises(ValueError, match=message):
         saved["model"].encode_image(image)
-    err = _cli(capsys, "search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]), "--image", str(image))
+    err = cli_error_line(capsys, "search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]), "--image", str(image))
     assert __import__("re").search(message, err), err
 
 
@@ -166,7 +157,7 @@ def test_bad_checkpoints_through_the_api_and_the_cli(saved, encoders, other_upst
     message = _damage(folder, how, {**encoders, "hubert-other": other_upstream})
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         SpeechCLIP.from_pretrained(folder)
-    assert __import__("re").search(message, _cli(capsys, "keywords", "--checkpoint", str(folder), str(saved["wav"])))
+    assert __import__("re").search(message, cli_error_line(capsys, "keywords", "--checkpoint", str(folder), str(saved["wav"])))
     if how == "another upstream":  # the explicit override
         assert SpeechCLIP.from_pretrained(folder, check_encoders=False).config.variant == "cascaded"
 
@@ -193,15 +184,15 @@ def test_keywords_names_a_bad_clip_before_loading_the_model(saved, capsys, monke
     from speechclip import model as model_module
 
     monkeypatch.setattr(model_module.SpeechCLIP, "from_pretrained", lambda *a, **k: pytest.fail("loaded first"))
-    assert _cli(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"]), str(saved["root"] / "gone.wav")) \
+    assert cli_error_line(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(saved["wav"]), str(saved["root"] / "gone.wav")) \
         == f"speechclip: error: {saved['root'] / 'gone.wav'}: no such audio file"
 
 
 def test_search_arguments_are_checked_before_any_work(saved, capsys):
     search = ("search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]))
-    assert _cli(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None
-    assert _cli(capsys, *search, "--audio", " ") == "speechclip: error: --audio: empty"
-    assert _cli(capsys, *search, "--text", "a red square", "-k", "0") == "speechclip: error: -k 0: must be at least 1"
+    assert cli_error_line(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None
+    assert cli_error_line(capsys, *search, "--audio", " ") == "speechclip: error: --audio: empty"
+    assert cli_error_line(capsys, *search, "--text", "a red square", "-k", "0") == "speechclip: error: -k 0: must be at least 1"
 
 
 def test_embed_refuses_a_split_it_would_ignore(saved, tmp_path, capsys):
@@ -209,7 +200,7 @@ def test_embed_refuses_a_split_it_would_ignore(saved, tmp_path, capsys):
     manifest = tmp_path / "clips.jsonl"
     manifest.write_text(json.dumps({"audio": str(saved["wav"]), "image": str(saved["root"] / "good.png"), "text": "red"}) + "\n")
     embed = ("embed", "--checkpoint", str(saved["ckpt"]), "--manifest", str(manifest), "--out", str(tmp_path / "emb"))
-    assert _cli(capsys, *embed, "--split", "val", "--set", "data.root=x") == \
+    assert cli_error_line(capsys, *embed, "--split", "val", "--set", "data.root=x") == \
         "speechclip: error: --split, --set: not used with --manifest (it lists every clip to embed); give one or the other"
     assert not (tmp_path / "emb").exists()
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from speechclip.cli import main
 from speechclip.convert import ConversionError, convert_checkpoint
+from tests.conftest import cli_error_line
 from tests.official_checkpoints import CASES, official_checkpoint, save_official_checkpoint
 
 PARALLEL, CASCADED = CASES[0], CASES[1]
@@ -26,15 +26,6 @@ def ckpt(tmp_path_factory) -> Path:
     """A good (tiny) parallel checkpoint, never modified by a test."""
     state, config = official_checkpoint(PARALLEL)
     return save_official_checkpoint(tmp_path_factory.mktemp("ckpt") / "a.ckpt", state, config)
-
-
-def _cli(capsys, *args: str) -> str:
-    """Run the CLI in-process; it must exit 2 with one error line and no traceback. Returns that line."""
-    with pytest.raises(SystemExit) as stop:
-        main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-    return err
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -48,7 +39,7 @@ def test_overwrite_refuses_a_folder_that_holds_no_converted_model(ckpt, tmp_path
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(ConversionError, match=r"mine: not empty and holds no converted model \(no conversion.json\)"):
         convert_checkpoint(ckpt, out, overwrite=True)
-    assert "holds no converted model" in _cli(capsys, "convert", str(ckpt), "--out", str(out), "--overwrite")
+    assert "holds no converted model" in cli_error_line(capsys, "convert", str(ckpt), "--out", str(out), "--overwrite")
     assert (out / "notes.txt").read_text() == "keep me" and _leftovers(tmp_path) == []
 
 
@@ -61,7 +52,7 @@ def test_overwrite_refuses_the_folder_holding_the_checkpoint(tmp_path, capsys):
     for out in (tmp_path / "dl", tmp_path):
         with pytest.raises(ConversionError, match=rf"{out}: holds the checkpoint being converted"):
             convert_checkpoint(source, out, overwrite=True)
-    line = _cli(capsys, "convert", str(source), "--out", str(tmp_path / "dl"), "--overwrite")
+    line = cli_error_line(capsys, "convert", str(source), "--out", str(tmp_path / "dl"), "--overwrite")
     assert "holds the checkpoint being converted" in line
     assert source.is_file() and (tmp_path / "dl" / "model" / "model.safetensors").is_file()
 
@@ -88,22 +79,22 @@ def test_an_out_that_is_a_file_is_refused(ckpt, tmp_path, capsys, overwrite):
     with pytest.raises(ConversionError, match=r"taken: a file, not a folder"):
         convert_checkpoint(ckpt, out, overwrite=overwrite)
     flags = ["--overwrite"] if overwrite else []
-    assert "a file, not a folder" in _cli(capsys, "convert", str(ckpt), "--out", str(out), *flags)
+    assert "a file, not a folder" in cli_error_line(capsys, "convert", str(ckpt), "--out", str(out), *flags)
     assert out.read_text() == "a file" and _leftovers(tmp_path) == []
 
 
 def test_an_out_inside_a_file_is_refused(ckpt, tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
-    line = _cli(capsys, "convert", str(ckpt), "--out", str(tmp_path / "afile" / "x"))
+    line = cli_error_line(capsys, "convert", str(ckpt), "--out", str(tmp_path / "afile" / "x"))
     assert line.endswith(f"{tmp_path / 'afile'}: a file, not a folder (on the way to --out {tmp_path / 'afile' / 'x'})")
 
 
 def test_the_current_folder_is_refused(ckpt, tmp_path, capsys, monkeypatch):
     convert_checkpoint(ckpt, tmp_path / "out")
     monkeypatch.chdir(tmp_path / "out")
-    assert "the current folder" in _cli(capsys, "convert", str(ckpt), "--out", ".", "--overwrite")
+    assert "the current folder" in cli_error_line(capsys, "convert", str(ckpt), "--out", ".", "--overwrite")
     monkeypatch.chdir(tmp_path / "out" / "hubert")
-    assert "the current folder" in _cli(capsys, "convert", str(ckpt), "--out", "..", "--overwrite")
+    assert "the current folder" in cli_error_line(capsys, "convert", str(ckpt), "--out", "..", "--overwrite")
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
@@ -126,7 +117,7 @@ def test_a_flipped_byte_inside_a_tensor_is_named(ckpt, tmp_path, capsys):
     message = rf"a.ckpt: damaged \(CRC mismatch in {entry}\); download it again"
     with pytest.raises(ConversionError, match=message):
         convert_checkpoint(damaged, tmp_path / "out")
-    assert __import__("re").search(message, _cli(capsys, "convert", str(damaged), "--out", str(tmp_path / "out")))
+    assert __import__("re").search(message, cli_error_line(capsys, "convert", str(damaged), "--out", str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
@@ -141,7 +132,7 @@ def test_an_unreadable_file_says_what_it_is_not(ckpt, tmp_path, damage):
 
 def test_a_folder_given_as_the_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "ckpts").mkdir()
-    assert _cli(capsys, "convert", str(tmp_path / "ckpts"), "--out", str(tmp_path / "out")).endswith(
+    assert cli_error_line(capsys, "convert", str(tmp_path / "ckpts"), "--out", str(tmp_path / "out")).endswith(
         f"{tmp_path / 'ckpts'}: a folder, not a .ckpt file")
 
 
@@ -185,6 +176,6 @@ def test_no_space_left_is_one_line_and_leaves_nothing(ckpt, tmp_path, capsys, mo
         def fail(*args, error=error, **kwargs):
             raise error
         monkeypatch.setattr(hubert, "save_hubert_folder", fail)
-        line = _cli(capsys, "convert", str(ckpt), "--out", str(tmp_path / "out"))
+        line = cli_error_line(capsys, "convert", str(ckpt), "--out", str(tmp_path / "out"))
         assert line.endswith(f"no space left on device writing {tmp_path / 'out'}")
         assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
