@@ -113,3 +113,13 @@ def cli_error_line(capsys, *args: str) -> str:
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     return err
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended: the owner of a staging folder left by a killed run."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

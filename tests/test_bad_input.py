@@ -188,6 +188,25 @@ def test_keywords_names_a_bad_clip_before_loading_the_model(saved, capsys, monke
         == f"speechclip: error: {saved['root'] / 'gone.wav'}: no such audio file"
 
 
+def test_keywords_and_search_refuse_an_overlong_clip_before_loading_the_model(saved, capsys, monkeypatch):
+    """A clip is encoded whole: a 10-minute one took 4 GB through the tiny model's keywords."""
+    from speechclip import cli
+    from speechclip import model as model_module
+    from speechclip.audio import MAX_QUERY_SECONDS
+
+    monkeypatch.setattr(model_module.SpeechCLIP, "from_pretrained", lambda *a, **k: pytest.fail("loaded first"))
+    long = write_wav(saved["root"] / "long.wav", np.full(16000 * 3 // 2, 0.1, dtype=np.float32))
+    over = f"speechclip: error: {long}: 1.5 s of audio, over the 1 s limit (--max-audio-seconds; a clip is encoded whole)"
+    assert cli_error_line(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), "--max-audio-seconds", "1", str(long)) == over
+    assert cli_error_line(capsys, "search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]),
+                          "--max-audio-seconds", "1", "--audio", str(long)) == over
+    assert cli_error_line(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), "--max-audio-seconds", "0", str(long)) \
+        == "speechclip: error: --max-audio-seconds 0: must be more than 0"
+    assert f"default: {MAX_QUERY_SECONDS:g}," in cli.QUERY_SECONDS_HELP
+    monkeypatch.setattr("speechclip.audio.MAX_QUERY_SECONDS", 1.0)  # the default is the shared limit
+    assert cli_error_line(capsys, "keywords", "--checkpoint", str(saved["ckpt"]), str(long)) == over
+
+
 def test_search_arguments_are_checked_before_any_work(saved, capsys):
     search = ("search", "--index", str(saved["index"]), "--checkpoint", str(saved["ckpt"]))
     assert cli_error_line(capsys, *search, "--text", "") == "speechclip: error: --text: empty"  # once an image search of None

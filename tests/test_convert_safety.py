@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from speechclip.convert import ConversionError, convert_checkpoint
-from tests.conftest import cli_error_line
+from tests.conftest import cli_error_line, dead_pid
 from tests.official_checkpoints import CASES, official_checkpoint, save_official_checkpoint
 
 PARALLEL, CASCADED = CASES[0], CASES[1]
@@ -137,18 +137,12 @@ def test_a_folder_given_as_the_checkpoint_is_named(tmp_path, capsys):
 
 
 # ---- 3. what a killed or failed conversion leaves --------------------------------------------------------------
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_staging_folders_of_killed_conversions_are_removed(ckpt, tmp_path):
-    stale = tmp_path / f".out.converting-{_dead_pid()}"
+    stale = tmp_path / f".out.converting-{dead_pid()}"
     (stale / "hubert").mkdir(parents=True)
     running = tmp_path / f".out.converting-{os.getppid()}"  # a live process: perhaps converting right now
     running.mkdir()
-    other = tmp_path / f".other.converting-{_dead_pid()}"  # another target's: not this conversion's business
+    other = tmp_path / f".other.converting-{dead_pid()}"  # another target's: not this conversion's business
     other.mkdir()
     convert_checkpoint(ckpt, tmp_path / "out")
     assert _leftovers(tmp_path) == sorted([running.name, other.name])

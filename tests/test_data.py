@@ -242,6 +242,18 @@ def test_flickr8k_duplicate_wav2capt_line_is_refused_naming_both(flickr_root):
         read_flickr8k(flickr_root, "test")
 
 
+@pytest.mark.parametrize("line, message", [
+    ("{wav}", r"wav2spk.txt:16: expected '<wav> <speaker>', got '.*_2.wav'"),
+    ("{wav} 7 8", r"wav2spk.txt:16: expected '<wav> <speaker>'"),
+    ("{wav} 9", r"wav2spk.txt:16: .*_2.wav is given speaker 9, and 3 on an earlier line"),
+])
+def test_flickr8k_malformed_speaker_line_is_refused(flickr_root, line, message):
+    path = flickr_root / "flickr_audio" / "wav2spk.txt"
+    path.write_text(path.read_text() + line.format(wav=f"{IMAGES[2]}_2.wav") + "\n")
+    with pytest.raises(DataError, match=message):
+        read_flickr8k(flickr_root, "train")
+
+
 def test_flickr8k_image_in_two_splits_is_refused(flickr_root):
     """A train image in the test list is a leak: its recall would be measured on an image seen in training."""
     test = flickr_root / "Flickr8k_text" / "Flickr_8k.testImages.txt"

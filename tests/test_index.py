@@ -1,7 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 
 from speechclip.index import EmbeddingIndex
+from tests.conftest import dead_pid
 
 
 def _clustered(count: int, dim: int = 32, centers: int = 50, seed: int = 0) -> np.ndarray:
@@ -19,6 +22,24 @@ def test_exact_search_finds_itself(tmp_path):
     assert hits[0][0][1] == pytest.approx(1.0, abs=1e-5) and hits[0][0][1] >= hits[0][1][1]
     loaded = EmbeddingIndex.load(index.save(tmp_path / "idx"))
     assert loaded.search(vectors[:3], k=4) == hits
+
+
+def test_a_save_removes_what_killed_saves_left(tmp_path):
+    index = EmbeddingIndex.build(_clustered(50), [str(i) for i in range(50)], "flat")
+    index.save(tmp_path / "idx")
+    killed = [tmp_path / f".idx.tmp-{dead_pid()}", tmp_path / f".idx.replaced-{dead_pid()}"]
+    running = tmp_path / f".idx.tmp-{os.getppid()}"  # a live process: perhaps saving right now
+    other = tmp_path / f".other.tmp-{dead_pid()}"  # another index's
+    for folder in (*killed, running, other):
+        folder.mkdir()
+    index.save(tmp_path / "idx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["idx", running.name, other.name])
+    old = tmp_path / f".idx.replaced-{dead_pid()}"
+    (tmp_path / "idx").rename(old)  # a save killed between its two renames: the old index is the only copy,
+    index.save(tmp_path / "idx")  # so a save with no `idx` to keep leaves it,
+    assert old.exists()
+    index.save(tmp_path / "idx")  # and the next one, with `idx` whole again, removes it
+    assert not old.exists()
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])

@@ -223,6 +223,18 @@ def test_eval_takes_a_run_folder_or_a_file_of_its_model(finished_run, tmp_path, 
                               "give --config with the run's YAML (its data section names the dataset)\n")
 
 
+def test_embed_takes_a_run_folder_and_a_released_ckpt_is_sent_to_convert(finished_run, tmp_path, capsys):
+    run = finished_run[0]
+    code, out, err = cli(capsys, "embed", "--checkpoint", str(run), "--what", "text", "--out", str(tmp_path / "emb"), "--no-progress")
+    assert code == 0, err
+    assert json.loads(out)["kinds"]["text"] > 0  # the run's data section, as from its final/
+    released = tmp_path / "SpeechCLIP_base_flickr.ckpt"
+    released.write_bytes(b"")
+    assert cli(capsys, "keywords", "--checkpoint", str(released), "x.wav")[1:] == ("", (
+        f"speechclip: error: {released}: a .ckpt file, not a SpeechCLIP folder (config.json + model.safetensors); a released "
+        f"SpeechCLIP checkpoint becomes one with `speechclip convert {released} --out DIR`\n"))
+
+
 def test_eval_checks_out_before_any_work(finished_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(SpeechCLIP, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
     for out, why in ((tmp_path, f"a folder; give a file name, e.g. {tmp_path / 'eval_test.json'}"),

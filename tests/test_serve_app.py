@@ -148,6 +148,10 @@ def test_page_and_api_documentation_are_served(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/search", "/keywords", "/embed/speech", "/embed/text", "/embed/image", "/healthz"} <= set(paths)
     assert client.get("/info").json()["keywords"] is True
+    for path in ("/search", "/embed/text", "/keywords/"):  # the page's mount at / must not answer "not found"
+        wrong = client.get(path)
+        assert (wrong.status_code, wrong.headers["allow"], wrong.json()) == (405, "POST", {"detail": "Method Not Allowed"}), path
+    assert client.get("/no-such-page").status_code == 404
 
 
 def test_embeddings_and_keywords_endpoints(client, model):

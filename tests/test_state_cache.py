@@ -3,6 +3,7 @@ and atomically, never reused when stale; bad and short clips skipped or fatal pe
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from speechclip.data import DataError, read_dataset
 from speechclip.train.run import fit
 from speechclip.train.state_cache import FRAME_MULTIPLE, build_state_cache, pad_states, upstream_states
 from speechclip.upstream import SpeechUpstream
-from tests.conftest import tiny_run_config
+from tests.conftest import dead_pid, tiny_run_config
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,19 @@ def test_built_once_reused_while_unchanged_rebuilt_when_stale(upstream, clips, t
     other = build_state_cache(upstream, items, lengths, tmp_path, batch_size=4, precision="bf16-mixed", progress=False)
     assert other.folder not in (first.folder, stale.folder)  # states of another precision are other states
     assert [p.name for p in (tmp_path / "upstream_states").glob("*.tmp-*")] == ["leftover.tmp-999"]  # ours all renamed
+
+
+def test_a_build_removes_what_killed_builds_of_its_cache_left(upstream, clips, tmp_path):
+    items, lengths = clips
+    first = build_state_cache(upstream, items, lengths, tmp_path, batch_size=4, progress=False)
+    shutil.rmtree(first.folder)
+    killed = first.folder.with_name(f".{first.folder.name}.tmp-{dead_pid()}")
+    running = first.folder.with_name(f".{first.folder.name}.tmp-{os.getppid()}")  # a live process: building now
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "states.f16").write_bytes(b"half")
+    again = build_state_cache(upstream, items, lengths, tmp_path, batch_size=4, progress=False)
+    assert again.folder == first.folder and not killed.exists() and running.exists()
 
 
 def test_store_reads_from_dataloader_workers(upstream, clips, tmp_path):

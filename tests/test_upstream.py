@@ -22,7 +22,9 @@ def test_loads_frozen_with_all_hidden_states(encoders, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_batching_does_not_change_a_clip(encoders, kind):
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])  # GroupNorm conv stacks: one clip a call, or the whole batch
+def test_batching_does_not_change_a_clip(encoders, kind, chunk_bytes, monkeypatch):
+    monkeypatch.setattr("speechclip.upstream.CONV_CHUNK_BYTES", chunk_bytes)
     upstream = SpeechUpstream(encoders[kind])
     short = torch.randn(6400)
     alone, _ = upstream(short[None], torch.tensor([6400]))

@@ -15,6 +15,9 @@ import soxr
 import torch
 
 SAMPLE_RATE = 16_000
+# The longest query clip `serve`, `search` and `keywords` take by default: a clip is encoded whole, and memory
+# grows with its length (a 10-minute clip took 4 GB through a tiny model's `keywords`)
+MAX_QUERY_SECONDS = 60.0
 AudioInput = Union[str, Path, np.ndarray, torch.Tensor]
 
 

@@ -31,6 +31,29 @@ class CheckpointError(ValueError):
     """A checkpoint folder cannot be used as it is; the message starts with the file."""
 
 
+def model_folder(path: str | Path) -> Path:
+    """The SpeechCLIP folder (config.json + model.safetensors) meant by what a user may pass as a checkpoint:
+    the folder, a file in it, or a run folder (its final/). A training checkpoint (.ckpt) is refused with what
+    to give instead: it holds the optimiser and loops for --resume, not a model folder. (Paths only: what `eval`,
+    `embed`, `search`, `keywords` and `serve` accept, with no training code loaded.)"""
+    path = Path(path)
+    if path.is_file() and path.name in ("model.safetensors", "config.json"):
+        return path.parent
+    if path.suffix == ".ckpt" and path.parent.name == "checkpoints":
+        run = path.parent.parent
+        raise CheckpointError(f"{path}: a training checkpoint (what --resume continues from), not a model; give the run "
+                              f"folder {run} (its final/) or {run / 'best'}")
+    if path.suffix == ".ckpt":
+        raise CheckpointError(f"{path}: a .ckpt file, not a SpeechCLIP folder (config.json + model.safetensors); a "
+                              f"released SpeechCLIP checkpoint becomes one with `speechclip convert {path} --out DIR`")
+    if path.is_dir() and not (path / "config.json").exists() and (path / "run.yaml").is_file():
+        if not (path / "final").is_dir():
+            best = f"give {path / 'best'}, or " if (path / "best").is_dir() else ""
+            raise CheckpointError(f"{path}: the run has not finished (no final/); {best}finish it with speechclip train --resume")
+        return path / "final"
+    return path
+
+
 def encoder_location(name: str, folder: Path, field: str) -> str:
     """Where a frozen encoder loads from: a folder relative to the checkpoint, an existing path, or a hub id.
     A name that looks like a path and names no folder is an error here, never a hub request."""

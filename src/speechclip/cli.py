@@ -48,7 +48,8 @@ def _run_config_for(checkpoint: Path, config: str | None, overrides: list[str]):
 def cmd_eval(args) -> None:
     from .evaluate import format_table
     from .train.config import check_train_config
-    from .train.run import evaluate_checkpoint, model_folder
+    from .checkpoint import model_folder
+    from .train.run import evaluate_checkpoint
 
     checkpoint = model_folder(args.checkpoint)  # a run folder means its final/
     config = _run_config_for(checkpoint, args.config, args.set)
@@ -65,6 +66,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_embed(args) -> None:
+    from .checkpoint import model_folder
     from .embed import embed_collection, read_manifest as read_embeddings
     from .data import read_dataset, read_manifest
     from .model import SpeechCLIP
@@ -73,11 +75,12 @@ def cmd_embed(args) -> None:
         beside = [flag for flag, value in (("--split", args.split), ("--config", args.config), ("--set", args.set)) if value]
         if beside:
             raise ValueError(f"{', '.join(beside)}: not used with --manifest (it lists every clip to embed); give one or the other")
-    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    checkpoint = model_folder(args.checkpoint)  # a run folder means its final/
+    model = SpeechCLIP.from_pretrained(checkpoint)
     if args.manifest:
         items = read_manifest(args.manifest)
     else:
-        config = _run_config_for(Path(args.checkpoint), args.config, args.set)
+        config = _run_config_for(checkpoint, args.config, args.set)
         items = read_dataset(config.data.kind, config.data.root, args.split or "test", **config.data.options)
     what, out = args.what.split(","), Path(args.out)
     distributed = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
@@ -95,13 +98,28 @@ def cmd_embed(args) -> None:
         print(json.dumps({"manifest": str(manifest), "kinds": {k: v["count"] for k, v in kinds.items()}}, indent=2))
 
 
+def _check_query_clip(path: str, max_seconds: float | None) -> None:
+    """Decode a query clip before the model loads, so a bad one is named in a second; refuse one over
+    `max_seconds` (default: `audio.MAX_QUERY_SECONDS`), which is encoded whole (memory grows with its length)."""
+    from .audio import MAX_QUERY_SECONDS, SAMPLE_RATE, load_audio
+
+    max_seconds = MAX_QUERY_SECONDS if max_seconds is None else max_seconds
+    if not max_seconds > 0:
+        raise ValueError(f"--max-audio-seconds {max_seconds:g}: must be more than 0")
+    samples = load_audio(path).size
+    if samples > max_seconds * SAMPLE_RATE:
+        raise ValueError(f"{path}: {samples / SAMPLE_RATE:.1f} s of audio, over the {max_seconds:g} s limit "
+                         "(--max-audio-seconds; a clip is encoded whole)")
+
+
 def cmd_keywords(args) -> None:
-    from .audio import load_audio
+    from .checkpoint import model_folder
     from .model import SpeechCLIP
 
-    for path in args.audio:  # a bad clip is named in a second, not after the model has loaded
-        load_audio(path)
-    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    checkpoint = model_folder(args.checkpoint)
+    for path in args.audio:
+        _check_query_clip(path, args.max_audio_seconds)
+    model = SpeechCLIP.from_pretrained(checkpoint)
     for path, slots in zip(args.audio, model.keywords(args.audio, top_k=args.top_k)):
         print(path)
         for number, slot in enumerate(slots, start=1):
@@ -133,6 +151,7 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
+    from .checkpoint import model_folder
     from .index import EmbeddingIndex
     from .model import SpeechCLIP
 
@@ -142,8 +161,11 @@ def cmd_search(args) -> None:
         raise ValueError(f"{empty[0]}: empty")
     if args.k < 1:
         raise ValueError(f"-k {args.k}: must be at least 1")
+    if args.audio is not None:
+        _check_query_clip(args.audio, args.max_audio_seconds)
+    checkpoint = model_folder(args.checkpoint)
     index = EmbeddingIndex.load(Path(args.index))
-    model = SpeechCLIP.from_pretrained(args.checkpoint)
+    model = SpeechCLIP.from_pretrained(checkpoint)
     index.check_query_model(model)
     if args.audio is not None:
         query = model.encode_speech([args.audio])
@@ -156,6 +178,7 @@ def cmd_search(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    from .checkpoint import model_folder
     from .serve.run import Sources, demo_sources, serve
     from .serve.search import Limits
 
@@ -164,10 +187,15 @@ def cmd_serve(args) -> None:
     elif args.checkpoint is None or args.images is None:
         raise SystemExit("speechclip serve: give both --checkpoint and --images (or neither, for the demo)")
     else:
-        sources = Sources(Path(args.checkpoint), Path(args.images), Path(args.clips) if args.clips else None)
-    limits = Limits(max_upload_mb=args.max_upload_mb, max_audio_seconds=args.max_audio_seconds,
-                    workers=args.workers, queue=args.queue)
+        sources = Sources(model_folder(args.checkpoint), Path(args.images), Path(args.clips) if args.clips else None)
+    given = {"max_audio_seconds": args.max_audio_seconds}
+    limits = Limits(max_upload_mb=args.max_upload_mb, workers=args.workers, queue=args.queue,
+                    **{name: value for name, value in given.items() if value is not None})
     serve(sources, host=args.host, port=args.port, limits=limits, cache=Path(args.cache) if args.cache else None)
+
+
+CHECKPOINT_HELP = "a SpeechCLIP folder (config.json + model.safetensors), a file in it, or a run folder (its final/)"
+QUERY_SECONDS_HELP = "refuse longer clips, which are encoded whole (default: 60, audio.MAX_QUERY_SECONDS)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,8 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="retrieval and keyword tables for a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True,
-                          help="a SpeechCLIP folder (config.json + model.safetensors), a file in it, or a run folder (its final/)")
+    evaluate.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     evaluate.add_argument("--config", help="run YAML with the data section (default: run.yaml beside the checkpoint)")
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--out", help="the JSON file to write (default: eval_SPLIT.json in the checkpoint folder)")
@@ -228,7 +255,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_eval)
 
     embed = sub.add_parser("embed", help="write speech/image/text embeddings with their ids, in resumable shards")
-    embed.add_argument("--checkpoint", required=True)
+    embed.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     embed.add_argument("--manifest", help="a JSONL/CSV manifest (else the run config's split)")
     embed.add_argument("--config", help="run YAML with the data section (default: run.yaml beside the checkpoint)")
     embed.add_argument("--split", help="the run config's split to embed (default: test)")
@@ -254,8 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     keywords = sub.add_parser("keywords", help="print the keywords of spoken clips (cascaded/hybrid)")
-    keywords.add_argument("--checkpoint", required=True)
+    keywords.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     keywords.add_argument("--top-k", type=int, default=5)
+    keywords.add_argument("--max-audio-seconds", type=float, help=QUERY_SECONDS_HELP)
     keywords.add_argument("audio", nargs="+")
     keywords.set_defaults(func=cmd_keywords)
 
@@ -274,16 +302,17 @@ def _parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="query an index with speech, text or an image")
     search.add_argument("--index", required=True)
-    search.add_argument("--checkpoint", required=True)
+    search.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     group = search.add_mutually_exclusive_group(required=True)
     group.add_argument("--audio")
     group.add_argument("--text")
     group.add_argument("--image")
     search.add_argument("-k", type=int, default=10)
+    search.add_argument("--max-audio-seconds", type=float, help=QUERY_SECONDS_HELP)
     search.set_defaults(func=cmd_search)
 
     serve = sub.add_parser("serve", help="search pictures by voice: web page + HTTP API (no arguments: the demo)")
-    serve.add_argument("--checkpoint", help="a SpeechCLIP folder (default: the demo's, runs/demo/runs/pretrained/final)")
+    serve.add_argument("--checkpoint", help=CHECKPOINT_HELP + " (default: the demo's, runs/demo/runs/pretrained/final)")
     serve.add_argument("--images", help="a folder of images, indexed once and cached in DIR/.speechclip")
     serve.add_argument("--clips", help="spoken clips for image -> speech: a folder of audio files or a .jsonl/.csv manifest")
     serve.add_argument("--cache", help="where to keep embeddings, indexes and thumbnails (default: beside the data)")
@@ -292,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="request threads (model forwards take turns; more threads overlap decoding)")
     serve.add_argument("--queue", type=int, default=32, help="queries that may wait for a worker; beyond: 503")
     serve.add_argument("--max-upload-mb", type=float, default=20.0)
-    serve.add_argument("--max-audio-seconds", type=float, default=60.0)
+    serve.add_argument("--max-audio-seconds", type=float, help=QUERY_SECONDS_HELP)
     serve.set_defaults(func=cmd_serve)
     return parser
 

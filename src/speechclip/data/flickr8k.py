@@ -34,7 +34,7 @@ def read_flickr8k(root: str | Path, split: str) -> list[SpokenCaption]:
         raise DataError(f"split: expected one of {sorted(SPLIT_FILES)}, got {split!r}")
     images = _split_images(root, split)
     transcripts = _transcripts(_find(root, TEXT_DIRS, "Flickr8k.token.txt"))
-    speakers = _pairs(root / "flickr_audio" / "wav2spk.txt", required=False)
+    speakers = _speakers(root / "flickr_audio" / "wav2spk.txt")
     image_dir = _find_dir(root, IMAGE_DIRS)
     items = []
     for wav, image, index in _wav_captions(root / "flickr_audio" / "wav2capt.txt"):
@@ -114,12 +114,23 @@ def _transcripts(path: Path) -> dict[str, str]:
     return out
 
 
-def _pairs(path: Path, required: bool = True) -> dict[str, str]:
+def _speakers(path: Path) -> dict[str, str]:
+    """wav -> speaker id from the optional `wav2spk.txt`. A line that is not '<wav> <speaker>', or a clip given
+    two speakers, is refused naming it: dropped, it would silently leave the clip without a speaker (the
+    field that keeps test speakers out of training in speaker-disjoint splits)."""
     if not path.is_file():
-        if required:
-            raise DataError(f"{path}: missing")
         return {}
-    return dict(line.split(maxsplit=1) for line in path.read_text().splitlines() if len(line.split()) == 2)
+    out: dict[str, str] = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise DataError(f"{path}:{line_no}: expected '<wav> <speaker>', got {line[:80]!r}")
+        wav, speaker = fields
+        if out.setdefault(wav, speaker) != speaker:
+            raise DataError(f"{path}:{line_no}: {wav} is given speaker {speaker}, and {out[wav]} on an earlier line")
+    return out
 
 
 def _find(root: Path, folders: tuple[str, ...], name: str) -> Path:

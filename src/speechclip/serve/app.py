@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -34,9 +34,16 @@ class SpeechclipAPI(FastAPI):
 
 
 class Page(StaticFiles):
-    """The page's static files, with the content security policy on each response."""
+    """The page's static files, with the content security policy on each response. Mounted at /, it also
+    receives a GET of a POST-only API path: that is answered 405 naming the method, not 404."""
+
+    def __init__(self, *args, post_only: frozenset[str] = frozenset(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.post_only = post_only
 
     async def get_response(self, path: str, scope):
+        if "/" + path.strip("/") in self.post_only:
+            return JSONResponse({"detail": "Method Not Allowed"}, status_code=405, headers={"Allow": "POST"})
         response = await super().get_response(path, scope)
         response.headers["Content-Security-Policy"] = PAGE_POLICY
         return response
@@ -136,5 +143,6 @@ def create_app(engine: SearchEngine, pool: InferencePool | None = None) -> FastA
             raise HTTPException(404, "no spoken clips are indexed (start the server with --clips)")
         return FileResponse(engine.clips.path(clip_id))
 
-    app.mount("/", Page(directory=STATIC, html=True), name="page")  # last: the API's routes come first
+    post_only = frozenset(r.path for r in app.routes if getattr(r, "methods", None) == {"POST"})
+    app.mount("/", Page(directory=STATIC, html=True, post_only=post_only), name="page")  # last: the API's routes come first
     return app

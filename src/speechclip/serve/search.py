@@ -15,7 +15,7 @@ import soundfile
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..audio import SAMPLE_RATE, AudioError, decode_audio, reason
+from ..audio import MAX_QUERY_SECONDS, SAMPLE_RATE, AudioError, decode_audio, reason
 from ..images import ImageError
 from .clips import ClipSet
 from .gallery import Gallery
@@ -32,7 +32,7 @@ class TooLarge(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_upload_mb: float = 20.0  # whole request body; refused while streaming, never read whole
-    max_audio_seconds: float = 60.0  # after decoding (a small compressed file can hold hours)
+    max_audio_seconds: float = MAX_QUERY_SECONDS  # after decoding (a small compressed file can hold hours)
     max_image_pixels: int = 40_000_000  # a small PNG can decode to gigabytes
     max_text_chars: int = 1000  # CLIP reads 77 tokens anyway; longer is a mistake or abuse
     max_k: int = 1000

@@ -227,24 +227,5 @@ def check_eval_out(out: Path) -> None:
         raise RunFolderError(f"--out {out}: {out.parent} {what}")
 
 
-def model_folder(path: str | Path) -> Path:
-    """The SpeechCLIP folder (config.json + model.safetensors) meant by what a user may pass as a checkpoint:
-    the folder, a file in it, or a run folder (its final/). A training checkpoint (.ckpt) is refused with what
-    to give instead: it holds the optimiser and loops for --resume, not a model folder."""
-    path = Path(path)
-    if path.is_file() and path.name in ("model.safetensors", "config.json"):
-        return path.parent
-    if path.suffix == ".ckpt":
-        run = path.parent.parent if path.parent.name == "checkpoints" else None
-        instead = f"the run folder {run} (its final/) or {run / 'best'}" if run else "a SpeechCLIP folder (config.json + model.safetensors)"
-        raise RunFolderError(f"{path}: a training checkpoint (what --resume continues from), not a model; give {instead}")
-    if path.is_dir() and not (path / "config.json").exists() and (path / "run.yaml").is_file():
-        if not (path / "final").is_dir():
-            best = f"give {path / 'best'}, or " if (path / "best").is_dir() else ""
-            raise RunFolderError(f"{path}: the run has not finished (no final/); {best}finish it with speechclip train --resume")
-        return path / "final"
-    return path
-
-
 def load_run(run_dir: str | Path) -> RunConfig:
     return run_config_from_dict(yaml.safe_load((Path(run_dir) / "run.yaml").read_text()))

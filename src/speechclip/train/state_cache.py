@@ -33,6 +33,7 @@ from tqdm import tqdm
 from ..audio import AudioError, load_audio, pad_batch
 from ..data import SpokenCaption
 from ..fingerprint import folder_files
+from ..folders import remove_stale
 from ..upstream import SpeechUpstream
 
 
@@ -93,7 +94,8 @@ class StateCacheWriter:
 
     def __init__(self, folder: str | Path, rows: int):
         self.folder = Path(folder)
-        self.tmp = self.folder.with_name(f"{self.folder.name}.tmp-{os.getpid()}")
+        remove_stale(self.folder, "tmp")  # left by a killed build (another pid): 1.1 GiB each at the demo's size
+        self.tmp = self.folder.with_name(f".{self.folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self._out = open(self.tmp / "states.f16", "wb")
