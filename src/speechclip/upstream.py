@@ -186,8 +186,8 @@ class SpeechUpstream(nn.Module):
         instead of once per distinct clip length (nearly every clip, in real speech). Rows go in chunks whose
         first-layer output fits CONV_CHUNK_BYTES: a whole batch's, its size changing with every batch, made
         the C heap grow (2.5 GB peak against 1.0 in an fp32 cache build of 2,000 clips), and small chunks are
-        faster too. The demo's mini HuBERT: 4 clips a call, a state-cache build 1.6-1.8x faster; HuBERT Base:
-        one clip a call, as before (benchmarks/conv_batching.py)."""
+        faster too. The demo's mini HuBERT: 2-11 clips a call, a state-cache build 1.7-1.9x faster; HuBERT Base:
+        one clip a call, through the model's own layers as before (benchmarks/conv_batching.py)."""
         encoder = self.model.feature_extractor
         batched_forward = encoder.forward
 
@@ -198,9 +198,14 @@ class SpeechUpstream(nn.Module):
             first, *rest = encoder.conv_layers
             row_bytes = first.conv.out_channels * (input_values.shape[1] // first.conv.stride[0]) * 4
             rows = max(1, CONV_CHUNK_BYTES // row_bytes)
+            frames = int(self.frame_lengths(torch.tensor(input_values.shape[1])))
             parts = []
             for start in range(0, len(lengths), rows):
                 chunk = slice(start, start + rows)
+                if rows == 1:  # one clip a call: the model's own layers on the clip cut to its length
+                    hidden = batched_forward(input_values[chunk, : int(lengths[start])])
+                    parts.append(F.pad(hidden, (0, frames - hidden.shape[-1])))
+                    continue
                 hidden = _masked_group_norm_conv(first, input_values[chunk, None], lengths[chunk].to(input_values.device))
                 for layer in rest:
                     hidden = layer(hidden)
