@@ -28,6 +28,7 @@ SCRIPTS = {
     "embed_throughput": ["embed_throughput.py"],
     "padding": ["padding.py"],
     "state_cache": ["state_cache.py"],
+    "conv_batching": ["conv_batching.py"],
     "search": ["search.py"],
     "eval_scale": ["eval_scale.py"],
     "embed_streaming": ["embed_throughput.py", "--stream", "20000", "--batch", "32"],

@@ -131,9 +131,11 @@ class StateCacheWriter:
 
 def cache_key(upstream: SpeechUpstream, items: Sequence[SpokenCaption], precision: str) -> tuple[str, dict]:
     """A key that changes with the upstream (name, files, a weight sample, settings), the precision the
-    states were computed in, and each clip (path, size, modification time)."""
+    states were computed in, and each clip (path, size, modification time). Layout 3: GroupNorm conv stacks
+    run several clips a call (upstream.CONV_CHUNK_BYTES), other rounding than layout 2's one length a call, so
+    the same code gives the same states whether or not an older cache is on disk."""
     digest = hashlib.sha256()
-    inputs = {"layout": 2, "upstream": str(upstream.name_or_path), "precision": precision,
+    inputs = {"layout": 3, "upstream": str(upstream.name_or_path), "precision": precision,
               "normalize_waveform": bool(upstream.normalize_waveform), "final_norm": bool(getattr(upstream, "final_norm", False)),
               "upstream_files": folder_files(upstream.name_or_path)}
     digest.update(json.dumps(inputs, sort_keys=True).encode())
