@@ -188,9 +188,8 @@ def cmd_serve(args) -> None:
         raise SystemExit("speechclip serve: give both --checkpoint and --images (or neither, for the demo)")
     else:
         sources = Sources(model_folder(args.checkpoint), Path(args.images), Path(args.clips) if args.clips else None)
-    given = {"max_audio_seconds": args.max_audio_seconds}
-    limits = Limits(max_upload_mb=args.max_upload_mb, workers=args.workers, queue=args.queue,
-                    **{name: value for name, value in given.items() if value is not None})
+    audio = {} if args.max_audio_seconds is None else {"max_audio_seconds": args.max_audio_seconds}  # else Limits' default
+    limits = Limits(max_upload_mb=args.max_upload_mb, workers=args.workers, queue=args.queue, **audio)
     serve(sources, host=args.host, port=args.port, limits=limits, cache=Path(args.cache) if args.cache else None)
 
 

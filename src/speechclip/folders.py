@@ -38,6 +38,15 @@ def remove_stale(target: Path, tag: str) -> list[Path]:
     return removed
 
 
+def remove_leftovers(target: Path, tag: str) -> None:
+    """Before staging `target` anew: remove what killed runs left beside it, their `.NAME.TAG-PID` staging folders
+    and, while `target` exists, the old folders a killed `swap_in` had moved aside (without `target`, such a
+    folder is the only copy left, so it stays)."""
+    remove_stale(target, tag)
+    if target.exists():
+        remove_stale(target, "replaced")
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .folders import remove_stale, swap_in
+from .folders import remove_leftovers, swap_in
 
 EXACT_LIMIT = 100_000  # "auto" keeps exact search up to this many vectors
 IVF_LIMIT = 1_000_000  # ... IVF on raw float32 vectors up to this many (2 GB at 512-d), IVF-PQ above
@@ -229,9 +229,7 @@ class EmbeddingIndex:
         never a new index.faiss beside an old meta.json."""
         faiss = _faiss()
         folder = Path(folder)
-        remove_stale(folder, "tmp")  # left by a killed save (another pid)
-        if folder.exists():
-            remove_stale(folder, "replaced")  # without `folder`, that old folder is the only copy left
+        remove_leftovers(folder, "tmp")  # of killed saves (other pids)
         staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from ..folders import remove, remove_stale, swap_in
+from ..folders import remove, remove_leftovers, swap_in
 from .errors import ConversionError
 from .heads import CLIP_PREFIX, FULL_TABLE, UPSTREAM_PREFIX, head_weights, keyword_vocab, model_values
 from .reader import read_checkpoint
@@ -37,9 +37,7 @@ def convert_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool 
     out, checkpoint = Path(out), Path(checkpoint)
     check_target(out, checkpoint, overwrite)
     released = read_checkpoint(checkpoint)
-    remove_stale(out, "converting")  # left by a killed conversion (another pid); a finished swap's old folder too:
-    if out.exists():
-        remove_stale(out, "replaced")  # without `out`, that old folder is the only copy left
+    remove_leftovers(out, "converting")  # of killed conversions (other pids)
     staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     remove(staging)
     try:
