@@ -1,5 +1,8 @@
-"""The speech head's dropout on CPU: torch's nn.Dropout (ATen's bernoulli_ mask) against `speechclip.dropout.Dropout`
-(a mask from 16-bit shares of 64-bit random words).
+"""The speech head's dropout on CPU: torch's (ATen's bernoulli_ mask) against `speechclip.dropout.Dropout` (a mask from
+16-bit shares of 64-bit random words). Three set-ups:
+  torch      nn.Dropout everywhere, torch's attention path (scaled_dot_product_attention's math kernel) -- until stop 31
+  heads      dropout.Dropout on activations, torch's attention path for the attention weights -- stops 31-35
+  all        also the attention weights, through `attention.MultiheadAttention`'s own computation -- since stop 36
 
 In the demo's run (paired): one `fit` of the demo's pretrained SpeechCLIP run (from a finished demo folder, its
 state cache reused, validation off), the head's Dropout modules switched between the two every 10 steps;
@@ -8,7 +11,7 @@ A step alone: one forward + backward + Adam step of the demo's hybrid head on ra
 demo's batch shape (128 clips x 96 frames), bf16 autocast where the CPU has bf16 units, as the demo trains;
 each (dropout, threads) set-up in its own process (so its peak RSS is its own), interleaved in rounds.
 Mask: one dropout call (forward only) on the feed-forward activation's shape (128 x 96 x 512).
-The attention weights' dropout inside nn.MultiheadAttention is torch's in every set-up.
+Every set-up has stop 36's keyword quantizer (2-D products; keywords.py).
 Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12] [--fit-steps 130]
 (after `speechclip demo`)
 """
@@ -35,33 +38,42 @@ HERE = Path(__file__).resolve().parent
 BATCH, FRAMES = 128, 96
 
 
-def head_step(run: Path, dropout: str):
-    from demo_threads import head_training_step
+SETUPS = ("torch", "heads", "all")
+
+
+def use_setup(model: torch.nn.Module, setup: str) -> None:
+    """Switch `model`'s dropout and attention modules to one of SETUPS, in place."""
+    from speechclip.attention import MultiheadAttention
     from speechclip.dropout import Dropout
+
+    for module in model.modules():
+        if isinstance(module, Dropout):
+            module.forward = (torch.nn.Dropout.forward if setup == "torch" else Dropout.forward).__get__(module)
+        elif isinstance(module, MultiheadAttention):
+            module.forward = (MultiheadAttention.forward if setup == "all" else torch.nn.MultiheadAttention.forward).__get__(module)
+
+
+def head_step(run: Path, setup: str):
+    from demo_threads import head_training_step
     from speechclip.model import SpeechCLIP
 
     model = SpeechCLIP.from_pretrained(run / "runs" / "pretrained" / "final").train()
-    if dropout == "torch":
-        for parent in list(model.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, Dropout):
-                    setattr(parent, name, torch.nn.Dropout(child.p))
+    use_setup(model, setup)
     return head_training_step(model, BATCH, FRAMES)
 
 
 def mask_call(dropout: str):
     from speechclip.dropout import Dropout
 
-    layer = (torch.nn.Dropout(0.1) if dropout == "torch" else Dropout(0.1)).train()
+    layer = (torch.nn.Dropout(0.1) if dropout == "torch" else Dropout(0.1)).train()  # "heads" and "all": ours
     x = torch.randn(BATCH, FRAMES, 512)
     return lambda: layer(x)
 
 
 def paired_fit(run: Path, steps: int) -> dict[str, float]:
-    """Median s/step of each dropout in one fit of the demo's pretrained run, switched every 10 steps."""
+    """Median s/step of each set-up in one fit of the demo's pretrained run, switched every 10 steps."""
     from lightning.pytorch.callbacks import Callback
 
-    from speechclip.dropout import Dropout
     from speechclip.demo.spec import speechclip_config
     from speechclip.demo.train import ReleaseFreeMemory
     from speechclip.train.config import run_config_from_dict
@@ -74,14 +86,11 @@ def paired_fit(run: Path, steps: int) -> dict[str, float]:
 
     class Switch(Callback):
         def __init__(self):
-            self.seconds: dict[str, list[float]] = {"torch": [], "ours": []}
+            self.seconds: dict[str, list[float]] = {setup: [] for setup in SETUPS}
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self.kind = "torch" if (trainer.global_step // 10) % 2 else "ours"
-            forward = torch.nn.Dropout.forward if self.kind == "torch" else Dropout.forward
-            for layer in module.modules():
-                if isinstance(layer, Dropout):
-                    layer.forward = forward.__get__(layer)
+            self.kind = SETUPS[(trainer.global_step // 10) % len(SETUPS)]
+            use_setup(module, self.kind)
             self.started = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -97,13 +106,13 @@ def paired_fit(run: Path, steps: int) -> dict[str, float]:
     return {kind: statistics.median(seconds) for kind, seconds in switch.seconds.items()}
 
 
-def worker(threads: int, dropout: str, run: Path, steps: int) -> None:
+def worker(threads: int, setup: str, run: Path, steps: int) -> None:
     torch.set_num_threads(threads)
-    if dropout == "paired":
+    if setup == "paired":
         print(json.dumps(paired_fit(run, steps)), flush=True)
         return
-    step_seconds = timed(head_step(run, dropout), steps, warmup=3)
-    mask_seconds = timed(mask_call(dropout), 20, warmup=2)
+    step_seconds = timed(head_step(run, setup), steps, warmup=3)
+    mask_seconds = timed(mask_call(setup), 20, warmup=2)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"step": step_seconds, "mask": mask_seconds, "peak_mib": peak_mib}), flush=True)
 
@@ -113,7 +122,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--fit-steps", type=int, default=130)
+    parser.add_argument("--fit-steps", type=int, default=190)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -123,29 +132,30 @@ def main() -> None:
         command = [sys.executable, str(HERE / "head_dropout.py"), "--worker", str(threads), "paired", "--run", str(args.run),
                    "--fit-steps", str(args.fit_steps)]
         seconds = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        paired.append((threads, f"{1000 * seconds['torch']:.0f}", f"{1000 * seconds['ours']:.0f}", f"{seconds['torch'] / seconds['ours']:.2f}x"))
-    print(f"in the demo's pretrained run ({args.run}), {args.fit_steps} steps, the dropout switched every 10 steps; median ms/step")
-    print(table(paired, ("threads", "torch nn.Dropout", "dropout.Dropout", "speed-up")))
+        paired.append((threads, *(f"{1000 * seconds[setup]:.0f}" for setup in SETUPS),
+                       f"{seconds['torch'] / seconds['all']:.2f}x", f"{seconds['heads'] / seconds['all']:.2f}x"))
+    print(f"in the demo's pretrained run ({args.run}), {args.fit_steps} steps, the set-up switched every 10 steps; median ms/step")
+    print(table(paired, ("threads", *SETUPS, "all vs torch", "all vs heads")))
     print()
-    setups = [(threads, dropout) for threads in (2, 1) for dropout in ("torch", "ours")]
+    setups = [(threads, setup) for threads in (2, 1) for setup in SETUPS]
     results: dict[tuple[int, str], list[dict]] = {setup: [] for setup in setups}
     for _ in range(args.rounds):
-        for threads, dropout in setups:
-            command = [sys.executable, str(HERE / "head_dropout.py"), "--worker", str(threads), dropout,
+        for threads, setup in setups:
+            command = [sys.executable, str(HERE / "head_dropout.py"), "--worker", str(threads), setup,
                        "--run", str(args.run), "--steps", str(args.steps)]
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            results[(threads, dropout)].append(json.loads(out.strip().splitlines()[-1]))
+            results[(threads, setup)].append(json.loads(out.strip().splitlines()[-1]))
     median = {setup: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for setup, runs in results.items()}
     rows = []
-    for threads, dropout in setups:
-        m, torch_m = median[(threads, dropout)], median[(threads, "torch")]
-        spread = [r["step"] * 1000 for r in results[(threads, dropout)]]
-        rows.append((threads, "torch nn.Dropout" if dropout == "torch" else "dropout.Dropout", f"{1000 * m['step']:.0f}",
+    for threads, setup in setups:
+        m, torch_m = median[(threads, setup)], median[(threads, "torch")]
+        spread = [r["step"] * 1000 for r in results[(threads, setup)]]
+        rows.append((threads, setup, f"{1000 * m['step']:.0f}",
                      f"{min(spread):.0f}-{max(spread):.0f}", f"{torch_m['step'] / m['step']:.2f}x", f"{1000 * m['mask']:.1f}",
                      f"{m['peak_mib']:.0f}"))
     print(f"demo head training step, batch {BATCH} x {FRAMES} frames, bf16 autocast: {cpu_has_fast_bf16()}; "
           f"median of {args.rounds} processes per set-up (each: median of {args.steps} steps)")
-    print(table(rows, ("threads", "dropout", "ms/step", "range over processes", "speed-up", "ms per mask call (128x96x512)",
+    print(table(rows, ("threads", "set-up", "ms/step", "range over processes", "speed-up", "ms per mask call (128x96x512)",
                        "peak RSS MiB")))
 
 

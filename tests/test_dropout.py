@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from speechclip.attention import EncoderStack, projection
+from speechclip.attention import AttentionLayer, EncoderStack, MultiheadAttention, encode_queries, projection
 from speechclip.dropout import Dropout
 
 
@@ -77,6 +77,88 @@ def test_the_encoder_stack_trains_through_it_and_keeps_torchs_parameter_names():
         if isinstance(module, Dropout):
             module.register_forward_hook(lambda *_: calls.append(1))
     stack.train()(sequence, padding).sum().backward()
-    assert len(calls) == 6  # 3 per layer, 2 layers
+    assert len(calls) == 8  # per layer: the attention weights' and the 3 of the layer, 2 layers
     torch.testing.assert_close(stack.eval()(sequence, padding), reference(sequence, src_key_padding_mask=padding))
     assert isinstance(projection(16, 8, [12], dropout=0.1)[2], Dropout)
+
+
+def reference_attention(module: nn.MultiheadAttention, query, memory, padding, dropped=None):
+    """Multi-head attention written out from the raw weights (the formula, not torch's kernels): softmax of the
+    scaled query-key products, padded keys excluded, optionally times a given (B, heads, Tq, S) dropout factor."""
+    width, heads = module.embed_dim, module.num_heads
+    w, b = module.in_proj_weight, module.in_proj_bias
+    q, k, v = query @ w[:width].T + b[:width], memory @ w[width:2 * width].T + b[width:2 * width], memory @ w[2 * width:].T + b[2 * width:]
+    split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, width // heads).permute(0, 2, 1, 3)
+    q, k, v = split(q), split(k), split(v)
+    scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+    weights = scores.masked_fill(padding[:, None, None, :], float("-inf")).softmax(-1)
+    if dropped is not None:
+        weights = weights * dropped
+    out = (weights @ v).permute(0, 2, 1, 3).reshape(query.shape[0], query.shape[1], width)
+    return out @ module.out_proj.weight.T + module.out_proj.bias
+
+
+def _attention_and_inputs(p: float):
+    torch.manual_seed(0)
+    module = MultiheadAttention(16, 4, dropout=p)
+    sequence, padding = torch.randn(3, 10, 16), torch.zeros(3, 10, dtype=torch.bool)
+    padding[1, 7:] = True
+    padding[2, 4:] = True
+    return module, sequence, padding
+
+
+@pytest.mark.parametrize("queries", [None, 3])
+def test_training_attention_is_the_formula_with_the_cheaper_mask_on_its_weights(queries):
+    """In training on CPU the attention is computed here: the output is the formula's with the weights' dropout
+    factor (recorded from the module's own Dropout call: p's rate, 1/(1-p) scale), for a bool or float padding mask
+    and for the first positions alone (encode_queries); gradients reach every projection."""
+    module, sequence, padding = _attention_and_inputs(0.3)
+    query = sequence if queries is None else sequence[:, :queries]
+    factors = []
+    module.weights_dropout.register_forward_hook(lambda _, args, out: factors.append(torch.where(args[0] > 0, out / args[0], 0.0)))
+    out, weights = module.train()(query, sequence, sequence, key_padding_mask=padding, need_weights=False)
+    assert weights is None and len(factors) == 1
+    dropped = factors[0].detach()
+    valid = dropped[~padding[:, None, None, :].expand_as(dropped)]
+    assert bool(((valid == 0) | torch.isclose(valid, torch.tensor(1 / 0.7))).all())
+    assert 0.15 < (valid == 0).float().mean() < 0.45
+    torch.testing.assert_close(out, reference_attention(module, query, sequence, padding, dropped))
+    float_mask = torch.zeros(padding.shape).masked_fill(padding, float("-inf"))  # what nn.TransformerEncoderLayer passes
+    torch.manual_seed(5)
+    first = module(query, sequence, sequence, key_padding_mask=float_mask, need_weights=False)[0]
+    torch.manual_seed(5)
+    torch.testing.assert_close(first, module(query, sequence, sequence, key_padding_mask=padding, need_weights=False)[0])
+    first.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_eval_and_other_calls_take_torchs_attention():
+    """Evaluation, returned weights and attention masks go through nn.MultiheadAttention's own forward."""
+    module, sequence, padding = _attention_and_inputs(0.3)
+    calls = []
+    module.weights_dropout.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(sequence, sequence, sequence, key_padding_mask=padding, need_weights=False)[0],
+                                   reference_attention(module, sequence, sequence, padding))
+        assert module.train()(sequence, sequence, sequence, key_padding_mask=padding)[1] is not None  # need_weights
+        module(sequence, sequence, sequence, attn_mask=torch.zeros(10, 10, dtype=torch.bool), need_weights=False)
+    assert calls == []
+
+
+def test_autocast_training_attention_stays_near_the_fp32_formula():
+    """bf16 autocast (the demo's training precision here): products in bf16, softmax and dropout in fp32."""
+    module, sequence, padding = _attention_and_inputs(0.1)
+    module.weights_dropout.p = 0.0  # the explicit path (module.dropout > 0), no mask: comparable with the formula
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.train()(sequence, sequence, sequence, key_padding_mask=padding, need_weights=False)[0]
+    torch.testing.assert_close(out.float(), reference_attention(module, sequence, sequence, padding), atol=0.05, rtol=0.05)
+
+
+def test_the_heads_use_it_with_torchs_parameter_names():
+    layer = AttentionLayer(16, 2, dropout=0.1)
+    assert isinstance(layer.attention, MultiheadAttention)
+    assert list(layer.attention.state_dict()) == list(nn.MultiheadAttention(16, 2, batch_first=True).state_dict())
+    stack = EncoderStack(16, 2, 4, 32, dropout=0.1)
+    assert all(isinstance(each.self_attn, MultiheadAttention) for each in stack.encoder.layers)
+    sequence, padding = torch.randn(3, 10, 16), torch.zeros(3, 10, dtype=torch.bool)
+    encode_queries(stack.encoder.train(), sequence, padding, 2).sum().backward()  # the query-only last layer trains too

@@ -5,6 +5,7 @@ without feed-forward), and the projections after them (a Linear, or the referenc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dropout import Dropout
@@ -19,6 +20,52 @@ def prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor
     return sequence, ~keep
 
 
+class MultiheadAttention(nn.MultiheadAttention):
+    """nn.MultiheadAttention (batch_first, same parameters and state-dict names) that, in training on CPU,
+    computes the attention itself so the dropout on its weights draws the cheaper mask (dropout.py).
+
+    Why: torch's path (scaled_dot_product_attention's math kernel, the only CPU one with dropout) drew the
+    (B, heads, T, T) mask with `bernoulli_` and guarded fully masked rows; in the demo's hybrid layer a
+    forward and backward took 1.6x as long as this one (benchmarks/attention_dropout.py). Here: softmax in
+    fp32 over the scaled scores plus the padding mask, the cheaper dropout, then the values; every query must
+    keep at least one key (the heads' query tokens are never padding). Evaluation, other devices, attention
+    masks and returned weights go through torch's path unchanged.
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__(width, heads, dropout=dropout, batch_first=True)
+        self.weights_dropout = Dropout(dropout)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        explicit = (self.training and self.dropout > 0.0 and query.device.type == "cpu" and not need_weights
+                    and attn_mask is None and not is_causal and query.dim() == 3 and key is value)
+        if not explicit:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return self._attend(query, key, key_padding_mask), None
+
+    def _attend(self, query: torch.Tensor, memory: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, Tq, D) queries over (B, S, D) keys-and-values; key_padding_mask (B, S): True or -inf = ignore."""
+        batch, width, heads = query.shape[0], self.embed_dim, self.num_heads
+        if query is memory:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:  # the last layer of encode_queries: its first positions only, over the whole sequence
+            q = F.linear(query, self.in_proj_weight[:width], self.in_proj_bias[:width])
+            k, v = F.linear(memory, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
+        q, k, v = (x.reshape(batch, -1, heads, self.head_dim).transpose(1, 2) for x in (q, k, v))
+        scores = ((q * self.head_dim**-0.5) @ k.transpose(-2, -1)).float()  # (B, heads, Tq, S)
+        if key_padding_mask is not None:  # bool from callers, or the -inf/0 float mask nn.TransformerEncoderLayer makes
+            if key_padding_mask.dtype == torch.bool:
+                scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            else:
+                scores = scores + key_padding_mask[:, None, None, :]
+        weights = self.weights_dropout(scores.softmax(-1))
+        attended = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, width)
+        return F.linear(attended, self.out_proj.weight, self.out_proj.bias)
+
+
 class AttentionLayer(nn.Module):
     """LayerNorm(x + MultiheadAttention(x, seq, seq)): the reference's `MultiheadAttentionAndNorm` (dropout on
     the attention weights, none on the residual, no feed-forward).
@@ -29,7 +76,7 @@ class AttentionLayer(nn.Module):
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
-        self.attention = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.attention = MultiheadAttention(width, heads, dropout)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, sequence: torch.Tensor, padding: torch.Tensor, queries: int | None = None) -> torch.Tensor:
@@ -46,8 +93,9 @@ class EncoderStack(nn.Module):
         super().__init__()
         layer = nn.TransformerEncoderLayer(d_model=width, nhead=heads, dim_feedforward=ffn_dim, dropout=dropout,
                                            activation="gelu", batch_first=True, norm_first=False)
-        # the cheaper CPU mask (dropout.py); the attention weights' dropout inside self_attn stays torch's
+        # the cheaper CPU mask (dropout.py), also on the attention weights (MultiheadAttention above)
         layer.dropout, layer.dropout1, layer.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
+        layer.self_attn = MultiheadAttention(width, heads, dropout)
         norm = nn.LayerNorm(width) if final_norm else None
         self.encoder = nn.TransformerEncoder(layer, layers, norm=norm, enable_nested_tensor=False)
 
