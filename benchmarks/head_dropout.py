@@ -1,8 +1,9 @@
 """The speech head's dropout on CPU: torch's (ATen's bernoulli_ mask) against `speechclip.dropout.Dropout` (a mask from
-16-bit shares of 64-bit random words). Three set-ups:
+16-bit shares of 64-bit random words). Three set-ups, each the head's code of its time:
   torch      nn.Dropout everywhere, torch's attention path (scaled_dot_product_attention's math kernel) -- until stop 31
   heads      dropout.Dropout on activations, torch's attention path for the attention weights -- stops 31-35
-  all        also the attention weights, through `attention.MultiheadAttention`'s own computation -- since stop 36
+  all        also the attention weights, through `attention.MultiheadAttention`'s own computation, and the keyword
+             quantizer's products as 2-D ones (the others: batched over the clips, as until stop 35) -- since stop 36
 
 In the demo's run (paired): one `fit` of the demo's pretrained SpeechCLIP run (from a finished demo folder, its
 state cache reused, validation off), the head's Dropout modules switched between the two every 10 steps;
@@ -11,7 +12,6 @@ A step alone: one forward + backward + Adam step of the demo's hybrid head on ra
 demo's batch shape (128 clips x 96 frames), bf16 autocast where the CPU has bf16 units, as the demo trains;
 each (dropout, threads) set-up in its own process (so its peak RSS is its own), interleaved in rounds.
 Mask: one dropout call (forward only) on the feed-forward activation's shape (128 x 96 x 512).
-Every set-up has stop 36's keyword quantizer (2-D products; keywords.py).
 Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12] [--fit-steps 130]
 (after `speechclip demo`)
 """
@@ -41,16 +41,34 @@ BATCH, FRAMES = 128, 96
 SETUPS = ("torch", "heads", "all")
 
 
+def batched_quantizer(self, keywords: torch.Tensor, table: torch.Tensor):
+    """KeywordQuantizer.forward until stop 35: (B, K, D) @ (D, V) products, which autograd ran batched over B."""
+    import torch.nn.functional as F
+
+    vocab = table[self.vocab_ids]
+    cosine = F.normalize(keywords, dim=-1) @ F.normalize(vocab, dim=-1).T.to(keywords.dtype)
+    choice = cosine.argmax(-1)
+    chosen = vocab[choice]
+    if not (self.training and torch.is_grad_enabled()):
+        return chosen, self.vocab_ids[choice], cosine
+    mixture = (cosine / self.temperature).softmax(-1).to(vocab.dtype) @ vocab
+    quantized = chosen + (mixture - mixture.detach()) if self.hard else mixture
+    return quantized, self.vocab_ids[choice], cosine
+
+
 def use_setup(model: torch.nn.Module, setup: str) -> None:
-    """Switch `model`'s dropout and attention modules to one of SETUPS, in place."""
+    """Switch `model`'s dropout, attention and quantizer modules to one of SETUPS, in place."""
     from speechclip.attention import MultiheadAttention
     from speechclip.dropout import Dropout
+    from speechclip.keywords import KeywordQuantizer
 
     for module in model.modules():
         if isinstance(module, Dropout):
             module.forward = (torch.nn.Dropout.forward if setup == "torch" else Dropout.forward).__get__(module)
         elif isinstance(module, MultiheadAttention):
             module.forward = (MultiheadAttention.forward if setup == "all" else torch.nn.MultiheadAttention.forward).__get__(module)
+        elif isinstance(module, KeywordQuantizer):
+            module.forward = (KeywordQuantizer.forward if setup == "all" else batched_quantizer).__get__(module)
 
 
 def head_step(run: Path, setup: str):

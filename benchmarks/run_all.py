@@ -32,6 +32,7 @@ SCRIPTS = {
     "search": ["search.py"],
     "eval_scale": ["eval_scale.py"],
     "embed_streaming": ["embed_throughput.py", "--stream", "20000", "--batch", "32"],
+    "install_compile": ["install_compile.py"],
     "ivfpq": ["ivfpq.py"],  # 10M x 512: about an hour on 2 busy cores; --skip ivfpq to leave it out
 }
 

@@ -21,14 +21,7 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 echo "[setup] installing python packages into .venv"
-# --no-compile: pip byte-compiles one file at a time (about 40 of a 65 s install here); compileall below uses every core
-PIP=(.venv/bin/pip install -q --no-compile)
-"${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[all]"
-"${PIP[@]}" --no-deps open-clip-torch==3.3.0  # OpenAI's BPE merges for `speechclip convert`; --no-deps keeps the CPU torch
-echo "[setup] compiling the installed modules"
-SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# A few files are written for newer Pythons (torch ships some) and fail to compile here, as under pip's own
-# compile step, which skips them silently too: compileall's exit status reports them, so it is not checked.
-.venv/bin/python -m compileall -q -j 0 "$SITE" >/dev/null 2>&1 || true
+.venv/bin/pip install -q torch==2.13.0
+.venv/bin/pip install -q -e ".[all]"
+.venv/bin/pip install -q --no-deps open-clip-torch==3.3.0  # OpenAI's BPE merges for `speechclip convert`; --no-deps keeps the CPU torch
 echo "[setup] done"
