@@ -24,9 +24,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention (batch_first, same parameters and state-dict names) that, in training on CPU,
     computes the attention itself so the dropout on its weights draws the cheaper mask (dropout.py).
 
-    Why: torch's path (scaled_dot_product_attention's math kernel, the only CPU one with dropout) drew the
-    (B, heads, T, T) mask with `bernoulli_` and guarded fully masked rows; in the demo's hybrid layer a
-    forward and backward took 1.6x as long as this one (benchmarks/attention_dropout.py). Here: softmax in
+    Why: torch's path (scaled_dot_product_attention's math kernel, the only CPU one with dropout) draws the
+    (B, heads, T, T) mask with `bernoulli_` and guards fully masked rows; the demo's training steps took 1.17x
+    as long with it (benchmarks/head_dropout.py, RESULTS.md stop 36). Here: softmax in
     fp32 over the scaled scores plus the padding mask, the cheaper dropout, then the values; every query must
     keep at least one key (the heads' query tokens are never padding). Evaluation, other devices, attention
     masks and returned weights go through torch's path unchanged.
