@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from speechclip import attention
 from speechclip.attention import AttentionLayer, EncoderStack, MultiheadAttention, encode_queries, projection
-from speechclip.dropout import Dropout
+from speechclip.dropout import Dropout, fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -77,7 +78,7 @@ def test_the_encoder_stack_trains_through_it_and_keeps_torchs_parameter_names():
         if isinstance(module, Dropout):
             module.register_forward_hook(lambda *_: calls.append(1))
     stack.train()(sequence, padding).sum().backward()
-    assert len(calls) == 8  # per layer: the attention weights' and the 3 of the layer, 2 layers
+    assert len(calls) == 6  # 3 per layer, 2 layers (the attention weights': MultiheadAttention below)
     torch.testing.assert_close(stack.eval()(sequence, padding), reference(sequence, src_key_padding_mask=padding))
     assert isinstance(projection(16, 8, [12], dropout=0.1)[2], Dropout)
 
@@ -107,18 +108,31 @@ def _attention_and_inputs(p: float):
     return module, sequence, padding
 
 
+def _record_weights_dropout(monkeypatch, apply=fast_dropout) -> list:
+    """Replace the attention module's dropout call: each call's (input, p, output) is recorded."""
+    calls = []
+
+    def recorded(x, p, training=True):
+        out = apply(x, p, training)
+        calls.append((x, p, out))
+        return out
+
+    monkeypatch.setattr(attention, "fast_dropout", recorded)
+    return calls
+
+
 @pytest.mark.parametrize("queries", [None, 3])
-def test_training_attention_is_the_formula_with_the_cheaper_mask_on_its_weights(queries):
+def test_training_attention_is_the_formula_with_the_cheaper_mask_on_its_weights(queries, monkeypatch):
     """In training on CPU the attention is computed here: the output is the formula's with the weights' dropout
-    factor (recorded from the module's own Dropout call: p's rate, 1/(1-p) scale), for a bool or float padding mask
+    factor (recorded from the module's own call: its rate p, 1/(1-p) scale), for a bool or float padding mask
     and for the first positions alone (encode_queries); gradients reach every projection."""
     module, sequence, padding = _attention_and_inputs(0.3)
     query = sequence if queries is None else sequence[:, :queries]
-    factors = []
-    module.weights_dropout.register_forward_hook(lambda _, args, out: factors.append(torch.where(args[0] > 0, out / args[0], 0.0)))
+    calls = _record_weights_dropout(monkeypatch)
     out, weights = module.train()(query, sequence, sequence, key_padding_mask=padding, need_weights=False)
-    assert weights is None and len(factors) == 1
-    dropped = factors[0].detach()
+    assert weights is None and len(calls) == 1 and calls[0][1] == 0.3
+    x, _, dropped_out = calls[0]
+    dropped = torch.where(x > 0, dropped_out / x, 0.0).detach()
     valid = dropped[~padding[:, None, None, :].expand_as(dropped)]
     assert bool(((valid == 0) | torch.isclose(valid, torch.tensor(1 / 0.7))).all())
     assert 0.15 < (valid == 0).float().mean() < 0.45
@@ -132,11 +146,10 @@ def test_training_attention_is_the_formula_with_the_cheaper_mask_on_its_weights(
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
-def test_eval_and_other_calls_take_torchs_attention():
+def test_eval_and_other_calls_take_torchs_attention(monkeypatch):
     """Evaluation, returned weights and attention masks go through nn.MultiheadAttention's own forward."""
     module, sequence, padding = _attention_and_inputs(0.3)
-    calls = []
-    module.weights_dropout.register_forward_hook(lambda *_: calls.append(1))
+    calls = _record_weights_dropout(monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(sequence, sequence, sequence, key_padding_mask=padding, need_weights=False)[0],
                                    reference_attention(module, sequence, sequence, padding))
@@ -145,20 +158,32 @@ def test_eval_and_other_calls_take_torchs_attention():
     assert calls == []
 
 
-def test_autocast_training_attention_stays_near_the_fp32_formula():
+def test_autocast_training_attention_stays_near_the_fp32_formula(monkeypatch):
     """bf16 autocast (the demo's training precision here): products in bf16, softmax and dropout in fp32."""
     module, sequence, padding = _attention_and_inputs(0.1)
-    module.weights_dropout.p = 0.0  # the explicit path (module.dropout > 0), no mask: comparable with the formula
+    calls = _record_weights_dropout(monkeypatch, apply=lambda x, p, training: x)  # the explicit path without a mask
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module.train()(sequence, sequence, sequence, key_padding_mask=padding, need_weights=False)[0]
+    assert len(calls) == 1 and calls[0][0].dtype == torch.float32
     torch.testing.assert_close(out.float(), reference_attention(module, sequence, sequence, padding), atol=0.05, rtol=0.05)
 
 
-def test_the_heads_use_it_with_torchs_parameter_names():
+def test_the_heads_use_it_with_torchs_parameter_names(monkeypatch):
+    """The same state-dict keys as torch's module (checkpoints and converted weights load as before); the query-only
+    last layer of encode_queries trains through it and reads out what the full layer computes for those positions."""
     layer = AttentionLayer(16, 2, dropout=0.1)
     assert isinstance(layer.attention, MultiheadAttention)
     assert list(layer.attention.state_dict()) == list(nn.MultiheadAttention(16, 2, batch_first=True).state_dict())
     stack = EncoderStack(16, 2, 4, 32, dropout=0.1)
     assert all(isinstance(each.self_attn, MultiheadAttention) for each in stack.encoder.layers)
     sequence, padding = torch.randn(3, 10, 16), torch.zeros(3, 10, dtype=torch.bool)
-    encode_queries(stack.encoder.train(), sequence, padding, 2).sum().backward()  # the query-only last layer trains too
+    padding[1, 6:] = True
+    for module in stack.modules():  # no dropout anywhere, the explicit attention path kept (module.dropout > 0)
+        if isinstance(module, Dropout):
+            module.p = 0.0
+    calls = _record_weights_dropout(monkeypatch, apply=lambda x, p, training: x)
+    queried = encode_queries(stack.encoder.train(), sequence, padding, 2)
+    full = stack.encoder.layers[1](stack.encoder.layers[0](sequence, src_key_padding_mask=padding), src_key_padding_mask=padding)
+    assert len(calls) == 4  # the explicit path: two layers, twice
+    torch.testing.assert_close(queried, full[:, :2])
+    queried.sum().backward()

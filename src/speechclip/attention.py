@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import Dropout
+from .dropout import Dropout, fast_dropout
 
 
 def prepend(tokens: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,16 +25,16 @@ class MultiheadAttention(nn.MultiheadAttention):
     computes the attention itself so the dropout on its weights draws the cheaper mask (dropout.py).
 
     Why: torch's path (scaled_dot_product_attention's math kernel, the only CPU one with dropout) draws the
-    (B, heads, T, T) mask with `bernoulli_` and guards fully masked rows; the demo's training steps took 1.17x
-    as long with it (benchmarks/head_dropout.py, RESULTS.md stop 36). Here: softmax in
-    fp32 over the scaled scores plus the padding mask, the cheaper dropout, then the values; every query must
-    keep at least one key (the heads' query tokens are never padding). Evaluation, other devices, attention
-    masks and returned weights go through torch's path unchanged.
+    (B, heads, T, T) mask with `bernoulli_` and guards fully masked rows; with it and the keyword quantizer's
+    batched products the demo's training steps took 1.17x as long (benchmarks/head_dropout.py, RESULTS.md stop
+    36). Here: softmax in fp32 over the scaled scores plus the padding mask, the cheaper dropout at the module's
+    rate, then the values. No guard: a row whose keys are all padding would give NaN where torch's gives the
+    output bias, and none reaches a head (a clip shorter than the upstream's minimum is refused before, so every
+    clip has a frame). Evaluation, other devices, attention masks and returned weights go through torch's path.
     """
 
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__(width, heads, dropout=dropout, batch_first=True)
-        self.weights_dropout = Dropout(dropout)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
                 need_weights: bool = True, attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
@@ -61,7 +61,7 @@ class MultiheadAttention(nn.MultiheadAttention):
                 scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
             else:
                 scores = scores + key_padding_mask[:, None, None, :]
-        weights = self.weights_dropout(scores.softmax(-1))
+        weights = fast_dropout(scores.softmax(-1), self.dropout)
         attended = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(batch, -1, width)
         return F.linear(attended, self.out_proj.weight, self.out_proj.bias)
 

@@ -8,10 +8,25 @@ drawing a quarter as many 64-bit words and comparing their 16-bit shares takes 1
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _LANE_BITS = 15  # of each 16-bit share of a random word: `random_()` on int64 draws from [0, 2^63)
 _LANES = 1 << _LANE_BITS
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout(x, p, training) with the cheaper mask on CPU (see Dropout); other devices use F.dropout."""
+    if not training or p == 0.0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    threshold = round(p * _LANES)
+    if threshold >= _LANES:  # nothing can be kept (and an int16 comparison with 2^15 would wrap)
+        return x * 0.0
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
+    shares = words.view(torch.int16)[: x.numel()].view(x.shape)
+    keep = (shares & (_LANES - 1)) >= threshold
+    # the mask in x's dtype: a bool operand takes a slow mixed-type path (21 ms against 5 ms here)
+    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
@@ -22,13 +37,4 @@ class Dropout(nn.Dropout):
     built with it saves and loads as with nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        threshold = round(self.p * _LANES)
-        if threshold >= _LANES:  # nothing can be kept (and an int16 comparison with 2^15 would wrap)
-            return x * 0.0
-        words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
-        shares = words.view(torch.int16)[: x.numel()].view(x.shape)
-        keep = (shares & (_LANES - 1)) >= threshold
-        # the mask in x's dtype: a bool operand takes a slow mixed-type path (21 ms against 5 ms here)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        return fast_dropout(x, self.p, self.training)
