@@ -58,3 +58,24 @@ def test_concurrent_calls_from_threads_do_not_mix(encoders):
             together = list(pool.map(lambda job: upstream(*job)[0], jobs * 3))
         for i, states in enumerate(together):
             torch.testing.assert_close(states, alone[i % 4], atol=1e-5, rtol=1e-5)
+
+
+def test_encoders_load_without_transformers_bars_and_leave_the_setting_as_it_was(encoders, capfd):
+    """A model loads two frozen encoders: no weight-loading bar for either, and a caller who shows transformers'
+    bars still has them after (the tests themselves run with bars off: switched on here to see the difference)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from speechclip.clip import FrozenCLIP
+
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        SpeechUpstream(encoders["hubert"])
+        FrozenCLIP(encoders["clip"])
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()
+        AutoModel.from_pretrained(encoders["hubert"])  # the caller's own load: transformers' bar, as before
+        assert "Loading weights" in capfd.readouterr().err
+    finally:
+        hf_logging.disable_progress_bar()

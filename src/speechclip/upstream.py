@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 SPEECH_MODELS = "HuBERT, WavLM, wav2vec 2.0, data2vec-audio"
@@ -42,11 +43,18 @@ def encoder_config(name: str, field: str) -> Any:
 
 
 def load_encoder(load: Callable[[str], Any], name: str, field: str) -> Any:
-    """`load(name)` (a `from_pretrained`) with a file it cannot read (weights, tokenizer) named in one line."""
+    """`load(name)` (a `from_pretrained`) with a file it cannot read (weights, tokenizer) named in one line, and
+    without transformers' weight-loading bars: every SpeechCLIP model loads two frozen encoders, so a notebook
+    would get two bars per model. The caller's own setting is restored after (its other loads keep their bars)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         return load(name)
     except (OSError, ValueError, TypeError) as error:
         raise EncoderError(f"{field}={name}: cannot load it ({_first_line(error)})") from None
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(error: BaseException) -> str:
