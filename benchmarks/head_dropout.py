@@ -6,13 +6,13 @@
              quantizer's products as 2-D ones (the others: batched over the clips, as until stop 35) -- since stop 36
 
 In the demo's run (paired): one `fit` of the demo's pretrained SpeechCLIP run (from a finished demo folder, its
-state cache reused, validation off), the head's Dropout modules switched between the two every 10 steps;
+state cache reused, validation off), the head switched among the three set-ups every 10 steps;
 median seconds per step of each over the same minutes of the machine. One process per thread count.
 A step alone: one forward + backward + Adam step of the demo's hybrid head on random upstream states of the
 demo's batch shape (128 clips x 96 frames), bf16 autocast where the CPU has bf16 units, as the demo trains;
-each (dropout, threads) set-up in its own process (so its peak RSS is its own), interleaved in rounds.
+each (set-up, threads) pair in its own process (so its peak RSS is its own), interleaved in rounds.
 Mask: one dropout call (forward only) on the feed-forward activation's shape (128 x 96 x 512).
-Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12] [--fit-steps 130]
+Usage: python benchmarks/head_dropout.py [--run runs/demo] [--rounds 3] [--steps 12] [--fit-steps 190]
 (after `speechclip demo`)
 """
 
